@@ -1,0 +1,98 @@
+"""3D orthonormal Haar DWT as a reshape and one small contraction.
+
+Band order follows cWDM (and ``pywt.dwtn(..., 'haar')`` keys aaa, aad, ..., ddd): the
+first letter is the filter on the first spatial axis (dim 2). L = (x0 + x1) / sqrt(2),
+H = (x0 - x1) / sqrt(2).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+BAND_NAMES = ("LLL", "LLH", "LHL", "LHH", "HLL", "HLH", "HHL", "HHH")
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+
+
+def _haar_bank(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(8, 2, 2, 2) filter bank: bank[k, p, q, r] is band k's weight on voxel (p, q, r)."""
+    pair = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64) * _INV_SQRT2
+    bank = torch.einsum("ap,bq,cr->abcpqr", pair, pair, pair).reshape(8, 2, 2, 2)
+    return bank.to(dtype=dtype, device=device)
+
+
+def _check_even(shape: tuple[int, ...], what: str) -> None:
+    if len(shape) != 5:
+        raise ValueError(f"{what}: expected a 5D tensor (B, C, D, H, W), got shape {tuple(shape)}")
+    odd = [s for s in shape[2:] if s % 2]
+    if odd:
+        raise ValueError(
+            f"{what}: spatial shape {tuple(shape[2:])} has odd sizes; the Haar DWT needs even "
+            "sizes (pad the volume first, e.g. with bratsloader.to_network_grid)"
+        )
+
+
+def dwt3(x: torch.Tensor) -> torch.Tensor:
+    """One level of the 3D Haar DWT.
+
+    Args:
+        x: (B, C, D, H, W) with D, H, W even.
+    Returns:
+        (B, 8 * C, D/2, H/2, W/2); channel ``8 * c + k`` is band ``BAND_NAMES[k]`` of channel c.
+    """
+    _check_even(tuple(x.shape), "dwt3")
+    b, c, d, h, w = x.shape
+    blocks = x.reshape(b, c, d // 2, 2, h // 2, 2, w // 2, 2)
+    bank = _haar_bank(x.dtype, x.device)
+    bands = torch.einsum("kpqr,bcdphqwr->bckdhw", bank, blocks)
+    return bands.reshape(b, 8 * c, d // 2, h // 2, w // 2)
+
+
+def idwt3(bands: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`dwt3`.
+
+    Args:
+        bands: (B, 8 * C, d, h, w).
+    Returns:
+        (B, C, 2d, 2h, 2w).
+    """
+    if bands.ndim != 5 or bands.shape[1] % 8:
+        raise ValueError(f"idwt3: expected (B, 8*C, d, h, w), got shape {tuple(bands.shape)}")
+    b, c8, d, h, w = bands.shape
+    c = c8 // 8
+    bank = _haar_bank(bands.dtype, bands.device)
+    blocks = torch.einsum("kpqr,bckdhw->bcdphqwr", bank, bands.reshape(b, c, 8, d, h, w))
+    return blocks.reshape(b, c, 2 * d, 2 * h, 2 * w)
+
+
+def wavedec3(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Multi-level decomposition: repeatedly transforms the LLL band.
+
+    Args:
+        x: (B, C, D, H, W), each spatial size divisible by 2**levels.
+    Returns:
+        (approximation (B, C, D/2^L, ...), details) where ``details[i]`` is
+        (B, 7 * C, ...) for level i + 1 (finest first), bands LLH..HHH per channel.
+    """
+    if levels < 1:
+        raise ValueError(f"wavedec3: levels must be >= 1, got {levels}")
+    details = []
+    approx = x
+    for _ in range(levels):
+        bands = dwt3(approx)
+        b, c8 = bands.shape[:2]
+        grouped = bands.reshape(b, c8 // 8, 8, *bands.shape[2:])
+        approx = grouped[:, :, 0]
+        details.append(grouped[:, :, 1:].reshape(b, 7 * (c8 // 8), *bands.shape[2:]))
+    return approx, details
+
+
+def waverec3(approx: torch.Tensor, details: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`wavedec3`."""
+    x = approx
+    for detail in reversed(details):
+        b, c = x.shape[:2]
+        grouped = torch.cat([x.unsqueeze(2), detail.reshape(b, c, 7, *detail.shape[2:])], dim=2)
+        x = idwt3(grouped.reshape(b, 8 * c, *detail.shape[2:]))
+    return x

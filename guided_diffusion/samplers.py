@@ -1,0 +1,117 @@
+"""Samplers: small functions over (denoiser, schedule, x_T, steps, generator, callback).
+
+``denoiser(x_t, t) -> pred_x0`` carries the network and its conditioning (see
+:func:`guided_diffusion.diffusion.make_denoiser`). ``steps`` is a strictly decreasing
+sequence of schedule step indices; the sampler makes one network evaluation per entry
+(NFE = len(steps)) and ends on the clean estimate. All formulas are per band, so the same
+code serves shared and per-band (FATS) schedules.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .diffusion import Denoiser, Generators, append_dims, randn, reverse_step_mean_variance
+from .schedules import NoiseSchedule
+
+Callback = Callable[[dict], None]
+Clip = Callable[[torch.Tensor], torch.Tensor]
+
+
+def respaced_steps(num_steps: int, k: int) -> list[int]:
+    """K step indices evenly spaced from the last step (T - 1) to 0, decreasing."""
+    if not 1 <= k <= num_steps:
+        raise ValueError(f"respaced_steps: need 1 <= K <= {num_steps}, got {k}")
+    if k == 1:
+        return [num_steps - 1]
+    idx = torch.linspace(num_steps - 1, 0, k, dtype=torch.float64).round().long().tolist()
+    return list(dict.fromkeys(idx))
+
+
+def _check_steps(schedule: NoiseSchedule, steps: Sequence[int] | None) -> list[int]:
+    steps = list(range(schedule.num_steps - 1, -1, -1)) if steps is None else [int(s) for s in steps]
+    if not steps:
+        raise ValueError("sampler: empty step list")
+    if any(a <= b for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"sampler: steps must be strictly decreasing, got {steps}")
+    if steps[0] >= schedule.num_steps or steps[-1] < 0:
+        raise ValueError(f"sampler: steps must lie in [0, {schedule.num_steps - 1}], got {steps}")
+    return steps
+
+
+def _step_pairs(steps: list[int], x: torch.Tensor):
+    """Yield (i, t, s) with t, s as (B,) index tensors; s = -1 after the last step."""
+    b = x.shape[0]
+    for i, t in enumerate(steps):
+        s = steps[i + 1] if i + 1 < len(steps) else -1
+        yield i, torch.full((b,), t, dtype=torch.long), torch.full((b,), s, dtype=torch.long)
+
+
+def ddpm_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor,
+                steps: Sequence[int] | None = None, generator: Generators = None, clip: Clip | None = None,
+                variance: str = "large", callback: Callback | None = None) -> torch.Tensor:
+    """Ancestral sampling (DDPM). ``steps=None`` uses every step; a subset gives respaced DDPM.
+
+    x_T: (B, C, d, h, w) pure noise. Returns the final x0 sample, same shape.
+    """
+    steps = _check_steps(schedule, steps)
+    x = x_T
+    for i, t, s in _step_pairs(steps, x):
+        out = reverse_step_mean_variance(schedule, denoiser, x, t, s, clip=clip, variance=variance)
+        if s[0] >= 0:
+            # Ancestral step: x_s ~ N(mean, variance).
+            x = out["mean"] + out["variance"].sqrt() * randn(x.shape, generator, x.device, x.dtype)
+        else:
+            x = out["mean"]  # posterior mean at s = -1 is the x0 estimate itself
+        if callback is not None:
+            callback({"i": i, "t": int(t[0]), "x": x, "pred_x0": out["pred_x0"]})
+    return x
+
+
+def ddim_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, steps: Sequence[int] | None = None,
+                eta: float = 0.0, generator: Generators = None, clip: Clip | None = None,
+                callback: Callback | None = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12), per band, with the conditioning in the denoiser.
+
+    eta = 0 is deterministic; eta = 1 matches DDPM's posterior variance. The noise estimate
+    is recomputed from the (clipped) x0, so clipping that mixes bands stays consistent.
+    """
+    if eta < 0:
+        raise ValueError(f"ddim_sample: eta must be >= 0, got {eta}")
+    steps = _check_steps(schedule, steps)
+    x = x_T
+    for i, t, s in _step_pairs(steps, x):
+        pred_x0 = denoiser(x, t)
+        if clip is not None:
+            pred_x0 = clip(pred_x0)
+        ab_t = append_dims(schedule.alpha_bar_at(t), x)
+        # Noise implied by x_t and the (clipped) x0 estimate.
+        eps = (x - ab_t.sqrt() * pred_x0) / (1.0 - ab_t).sqrt()
+        if s[0] >= 0:
+            ab_s = append_dims(schedule.alpha_bar_at(s), x)
+            sigma = eta * ((1 - ab_s) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_s).sqrt()
+            x = ab_s.sqrt() * pred_x0 + (1 - ab_s - sigma ** 2).clamp_min(0).sqrt() * eps
+            if eta > 0:
+                x = x + sigma * randn(x.shape, generator, x.device, x.dtype)
+        else:
+            x = pred_x0
+        if callback is not None:
+            callback({"i": i, "t": int(t[0]), "x": x, "pred_x0": pred_x0})
+    return x
+
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def sample(denoiser: Denoiser, schedule: NoiseSchedule, shape: Sequence[int], *, sampler: str = "ddpm",
+           steps: Sequence[int] | None = None, eta: float = 0.0, generator: Generators = None,
+           clip: Clip | None = None, callback: Callback | None = None, device=None,
+           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Draw x_T ~ N(0, I) of ``shape`` (per-case generators allowed) and run the named sampler."""
+    x_T = randn(shape, generator, device or "cpu", dtype)
+    if sampler == "ddpm":
+        return ddpm_sample(denoiser, schedule, x_T, steps, generator, clip, callback=callback)
+    if sampler == "ddim":
+        return ddim_sample(denoiser, schedule, x_T, steps, eta, generator, clip, callback)
+    raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")

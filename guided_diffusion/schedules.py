@@ -1,0 +1,156 @@
+"""Noise schedules as objects with per-band coefficient arrays.
+
+A schedule is the table ``alpha_bar[band, t]`` for t = 0 .. T-1 (float64, decreasing in t)
+plus the time value the network is given at each step (``model_times``). Every band may be
+noised differently (FATS); a shared schedule is the same row repeated, and then every formula
+reduces exactly to the single-schedule one. Samplers take any decreasing subset of steps; the
+posterior between two steps is computed from alpha_bar alone, so respacing needs no extra table.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import DiffusionConfig
+
+REFERENCE_STEPS = 1000  # the 1000-step linear schedule of DDPM / cWDM
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """Per-band diffusion schedule.
+
+    Attributes:
+        alpha_bar: (n_bands, T) float64, in (0, 1], strictly decreasing along t.
+        model_times: (T,) float64, the time value fed to the network at step t.
+        name: a label for logs.
+    """
+
+    alpha_bar: torch.Tensor
+    model_times: torch.Tensor
+    name: str = "custom"
+
+    def __post_init__(self):
+        ab, times = self.alpha_bar, self.model_times
+        if ab.ndim != 2 or times.ndim != 1 or ab.shape[1] != times.shape[0]:
+            raise ValueError(f"NoiseSchedule: need alpha_bar (bands, T) and model_times (T,), got "
+                             f"{tuple(ab.shape)} and {tuple(times.shape)}")
+        if not bool(((ab > 0) & (ab <= 1)).all()):
+            raise ValueError("NoiseSchedule: alpha_bar must lie in (0, 1]")
+        if ab.shape[1] > 1 and not bool((ab[:, 1:] < ab[:, :-1]).all()):
+            raise ValueError("NoiseSchedule: alpha_bar must be strictly decreasing in t for every band")
+
+    @property
+    def num_steps(self) -> int:
+        return self.alpha_bar.shape[1]
+
+    @property
+    def n_bands(self) -> int:
+        return self.alpha_bar.shape[0]
+
+    @property
+    def betas(self) -> torch.Tensor:
+        """(n_bands, T) per-step betas: 1 - alpha_bar[t] / alpha_bar[t-1] (alpha_bar[-1] = 1)."""
+        prev = torch.cat([torch.ones_like(self.alpha_bar[:, :1]), self.alpha_bar[:, :-1]], dim=1)
+        return 1.0 - self.alpha_bar / prev
+
+    @property
+    def log_snr(self) -> torch.Tensor:
+        """(n_bands, T) log(alpha_bar / (1 - alpha_bar))."""
+        return torch.log(self.alpha_bar) - torch.log1p(-self.alpha_bar)
+
+    def alpha_bar_at(self, t: torch.Tensor) -> torch.Tensor:
+        """alpha_bar for step indices t (B,), -1 meaning "no noise" (alpha_bar = 1): (B, n_bands)."""
+        padded = torch.cat([torch.ones_like(self.alpha_bar[:, :1]), self.alpha_bar], dim=1)
+        return padded[:, t.long().cpu() + 1].T.contiguous()
+
+    def posterior(self, t: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Coefficients of q(x_s | x_t, x0) for step indices s < t (s = -1: the clean image).
+
+        With a = sqrt(alpha_bar_t / alpha_bar_s) and sigma^2 = 1 - alpha_bar:
+        mean = coef_xt * x_t + coef_x0 * x0, variance = (1 - a^2) sigma_s^2 / sigma_t^2.
+        Returns three (B, n_bands) float64 tensors: coef_x0, coef_xt, variance. For s = t - 1
+        these are DDPM's posterior_mean_coef1, posterior_mean_coef2 and posterior_variance.
+        """
+        if bool((s >= t).any()):
+            raise ValueError(f"posterior: need s < t, got t={t.tolist()}, s={s.tolist()}")
+        ab_t, ab_s = self.alpha_bar_at(t), self.alpha_bar_at(s)
+        step_beta = 1.0 - ab_t / ab_s
+        coef_x0 = torch.sqrt(ab_s) * step_beta / (1.0 - ab_t)
+        coef_xt = torch.sqrt(ab_t / ab_s) * (1.0 - ab_s) / (1.0 - ab_t)
+        variance = step_beta * (1.0 - ab_s) / (1.0 - ab_t)
+        return coef_x0, coef_xt, variance
+
+    def per_band(self, n_bands: int) -> "NoiseSchedule":
+        """This schedule with its (single) row repeated for ``n_bands`` bands."""
+        if self.n_bands == n_bands:
+            return self
+        if self.n_bands != 1:
+            raise ValueError(f"per_band: cannot map {self.n_bands} bands to {n_bands}")
+        return NoiseSchedule(self.alpha_bar.expand(n_bands, -1).clone(), self.model_times, self.name)
+
+    def state_dict(self) -> dict[str, torch.Tensor | str]:
+        return {"alpha_bar": self.alpha_bar.clone(), "model_times": self.model_times.clone(), "name": self.name}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "NoiseSchedule":
+        return cls(state["alpha_bar"].double(), state["model_times"].double(), str(state["name"]))
+
+
+def _from_betas(betas: torch.Tensor, n_bands: int, model_times: torch.Tensor, name: str) -> NoiseSchedule:
+    alpha_bar = torch.cumprod(1.0 - betas.double(), dim=0)
+    return NoiseSchedule(alpha_bar[None].expand(n_bands, -1).clone(), model_times.double(), name)
+
+
+def linear(steps: int = REFERENCE_STEPS, beta_start: float = 1e-4, beta_end: float = 0.02,
+           n_bands: int = 8) -> NoiseSchedule:
+    """DDPM's linear betas; with ``steps`` != 1000 the betas are rescaled by 1000 / steps
+    (guided-diffusion's convention, Fast-DDPM "direct"). The network sees t * 1000 / steps so
+    its time embedding covers the same range whatever the step count."""
+    scale = REFERENCE_STEPS / steps
+    betas = torch.linspace(beta_start * scale, min(beta_end * scale, 0.999), steps, dtype=torch.float64)
+    name = "linear" if steps == REFERENCE_STEPS else f"fast_direct{steps}"
+    return _from_betas(betas, n_bands, torch.arange(steps, dtype=torch.float64) * scale, name)
+
+
+def cosine(steps: int = REFERENCE_STEPS, n_bands: int = 8, offset: float = 0.008) -> NoiseSchedule:
+    """Nichol & Dhariwal's cosine schedule (betas capped at 0.999)."""
+    def f(u):
+        return math.cos((u + offset) / (1 + offset) * math.pi / 2) ** 2
+
+    betas = torch.tensor([min(1 - f((i + 1) / steps) / f(i / steps), 0.999) for i in range(steps)],
+                         dtype=torch.float64)
+    scale = REFERENCE_STEPS / steps
+    return _from_betas(betas, n_bands, torch.arange(steps, dtype=torch.float64) * scale, f"cosine{steps}")
+
+
+def fast_sampled(steps: int = 10, beta_start: float = 1e-4, beta_end: float = 0.02, n_bands: int = 8) -> NoiseSchedule:
+    """Fast-DDPM's uniform choice: the 1000-step linear curve at [0, 99, 199, ..., 999].
+
+    That is ``steps`` + 1 points including t = 0, so sampling through all of them costs
+    ``steps`` + 1 network evaluations. The network sees the original 1000-step time index.
+    """
+    base = linear(REFERENCE_STEPS, beta_start, beta_end, n_bands)
+    stride = REFERENCE_STEPS // steps
+    idx = torch.arange(-1, REFERENCE_STEPS, stride)
+    idx[0] = 0
+    return NoiseSchedule(base.alpha_bar[:, idx].clone(), idx.double(), f"fast_sampled{steps}")
+
+
+def schedule_from_config(cfg: DiffusionConfig) -> NoiseSchedule:
+    """Build the schedule a :class:`DiffusionConfig` describes."""
+    if cfg.kind == "linear":
+        return linear(cfg.steps, cfg.beta_start, cfg.beta_end, cfg.n_bands)
+    if cfg.kind == "fast_direct":
+        return linear(cfg.steps, cfg.beta_start, cfg.beta_end, cfg.n_bands)
+    if cfg.kind == "cosine":
+        return cosine(cfg.steps, cfg.n_bands)
+    if cfg.kind == "fast_sampled":
+        return fast_sampled(cfg.steps, cfg.beta_start, cfg.beta_end, cfg.n_bands)
+    if cfg.kind == "fats":
+        from .fats import fats_schedule
+
+        return fats_schedule(cfg)
+    raise ValueError(f"unknown schedule kind {cfg.kind!r}")

@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny models and the golden-reference folder."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    """``$FASTCWDM_GOLDEN_DIR`` (default ../shared/golden/cwdm); skips when absent."""
+    path = Path(os.environ.get("FASTCWDM_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden" / "cwdm"))
+    if not (path / "golden.npz").is_file():
+        pytest.skip(f"cWDM golden reference not found at {path} (set FASTCWDM_GOLDEN_DIR)")
+    return path
+
+
+@pytest.fixture
+def tiny_model_config():
+    from guided_diffusion.config import ModelConfig
+
+    return ModelConfig(num_channels=8, channel_mult=(1, 2), num_res_blocks=1, num_groups=4)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Run the test suite. Uses the active Python when it already has the dependencies,
+# otherwise creates .venv and installs the project (pip install -e .[test]) into it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/ensure_env.sh
+exec "$PYTHON" -m pytest -q -p no:cacheprovider "$@" tests
