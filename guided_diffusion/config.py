@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEDULE_KINDS = ("linear", "cosine", "fast_direct", "fast_sampled", "fats")
+FATS_BASES = ("linear", "cosine")  # base curves a FATS schedule shifts per band
 
 
 class ConfigError(ValueError):
@@ -96,6 +97,7 @@ class DiffusionConfig(_JsonConfig):
     clip_denoised: bool = True  # cWDM's IDWT -> clamp [0, 1] -> DWT of every x0 prediction
     band_shifts: tuple[float, ...] = field(default_factory=tuple)  # FATS log-SNR shifts, one per band
     max_shift: float = 4.0
+    fats_base: str = "linear"  # FATS base log-SNR curve: "linear" (with beta_start/end) or "cosine"
 
     def __post_init__(self):
         if self.kind not in SCHEDULE_KINDS:
@@ -112,6 +114,78 @@ class DiffusionConfig(_JsonConfig):
             raise ConfigError("DiffusionConfig: band_shifts are only used with kind='fats'")
         if any(abs(s) > self.max_shift for s in self.band_shifts):
             raise ConfigError(f"DiffusionConfig: |band_shifts| must be <= max_shift={self.max_shift}: {self.band_shifts}")
+        if self.fats_base not in FATS_BASES:
+            raise ConfigError(f"DiffusionConfig: fats_base must be one of {FATS_BASES}, got {self.fats_base!r}")
+
+
+PRECISIONS = ("fp32", "bf16")
+MODALITY_NAMES = ("t1n", "t1c", "t2w", "t2f")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_JsonConfig):
+    """One training run of one target modality."""
+
+    data_dir: str = ""
+    run_dir: str = "runs/train"
+    target_modality: str = "t2f"
+    batch_size: int = 1  # per process
+    lr: float = 1e-5  # cWDM's AdamW learning rate
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm (0 disables)
+    ema_rate: float = 0.9999
+    max_steps: int = 100_000
+    save_interval: int = 5_000
+    log_interval: int = 100
+    val_interval: int = 5_000  # also where the best checkpoint is chosen (0: no validation)
+    val_cases: int = 4  # cases held out of data_dir for validation when no val_dir is given
+    val_dir: str = ""
+    image_interval: int = 5_000  # TensorBoard image slices (0 disables)
+    precision: str = "fp32"
+    num_workers: int = 2
+    seed: int = 0
+    band_weights: tuple[float, ...] = field(default_factory=tuple)  # per-band loss weights (empty: uniform)
+    shift_ramp_steps: int = 0  # FATS fine-tuning from a shared-schedule checkpoint: ramp shifts in
+    init_from: str = ""  # start from these weights (e.g. cWDM's), not a resume
+
+    def __post_init__(self):
+        if self.target_modality not in MODALITY_NAMES:
+            raise ConfigError(f"TrainConfig: target_modality must be one of {MODALITY_NAMES}, got {self.target_modality!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"TrainConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("batch_size", "max_steps", "save_interval", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0.0 <= self.ema_rate < 1.0:
+            raise ConfigError(f"TrainConfig: need lr > 0 and 0 <= ema_rate < 1, got {self.lr}, {self.ema_rate}")
+        if min(self.val_interval, self.image_interval, self.val_cases, self.num_workers, self.shift_ramp_steps) < 0:
+            raise ConfigError("TrainConfig: intervals and counts must be >= 0")
+        if self.band_weights and (len(self.band_weights) != 8 or min(self.band_weights) < 0):
+            raise ConfigError(f"TrainConfig: band_weights needs 8 non-negative values, got {self.band_weights}")
+
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclass(frozen=True)
+class SampleConfig(_JsonConfig):
+    """How to synthesise: sampler, step budget, clipping, seed, precision."""
+
+    sampler: str = "ddim"
+    steps: int = 0  # network evaluations; 0 = the schedule's default (all steps, or learned FATS steps)
+    eta: float = 0.0
+    clip_denoised: bool = True
+    seed: int = 0
+    precision: str = "fp32"
+    batch_size: int = 1
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"SampleConfig: sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.steps < 0 or self.eta < 0 or self.batch_size < 1:
+            raise ConfigError(f"SampleConfig: need steps >= 0, eta >= 0, batch_size >= 1: {self}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"SampleConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 def save_json(obj: dict[str, Any], path: str | Path) -> None:

@@ -1,0 +1,484 @@
+"""BraTS 2023/2024 case discovery, checks, preprocessing and its inverse.
+
+A case is a folder ``<case>/`` holding ``<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz``
+(any cohort prefix: GLI, MEN, MET, PED, SSA, GoAT ...). Volumes are indexed the
+nibabel way, ``(X, Y, Z)``: BraTS stores (240, 240, 155) at 1 mm.
+
+Preprocessing follows cWDM: clip each volume to its 0.1 / 99.9 percentiles,
+min-max scale to [0, 1], pad the last axis with zeros at its end (155 -> 160)
+and crop 8 voxels off each in-plane side (240 -> 224). ``to_original_grid`` undoes
+the crop and the padding so outputs can be written on the input grid with the
+input's affine and header (``save_volume``).
+
+Discovery checks headers (readable NIfTI, 3D, expected shape, agreeing affines)
+and, with ``check_data=True``, the voxels too; ``load_case`` always checks the
+voxels it reads. Every problem is a ``CaseError(path, problem)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from guided_diffusion.conditioning import MODALITIES
+
+logger = logging.getLogger(__name__)
+
+SEG = "seg"
+SEG_LABELS = (0, 1, 2, 3)  # BraTS 2023: background, necrotic core, oedema, enhancing
+NIFTI_SUFFIX = ".nii.gz"
+BRATS_ORIGINAL_SHAPE = (240, 240, 155)
+BRATS_CROP = 8  # voxels removed from each in-plane side
+BRATS_PADDED_DEPTH = 160
+CLIP_QUANTILES = (0.001, 0.999)  # cWDM's intensity clipping
+AFFINE_ATOL_MM = 1e-3  # modalities of one case must agree to this tolerance
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
+
+Mode = Literal["train", "auto"]
+
+
+class CaseError(ValueError):
+    """A problem with one input file or case folder; ``str`` is ``"<path>: <problem>"``."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Original grid and network grid of a dataset.
+
+    Attributes:
+        original_shape: (X, Y, Z) of the input files.
+        crop: voxels removed from each side of the two in-plane axes (X, Y).
+        padded_depth: Z after zero-padding at the end of the last axis.
+    """
+
+    original_shape: tuple[int, int, int] = BRATS_ORIGINAL_SHAPE
+    crop: int = BRATS_CROP
+    padded_depth: int = BRATS_PADDED_DEPTH
+
+    def __post_init__(self) -> None:
+        if len(self.original_shape) != 3 or min(self.original_shape) < 1:
+            raise ValueError(f"bratsloader.py: bad original_shape {self.original_shape}")
+        object.__setattr__(self, "original_shape", tuple(int(s) for s in self.original_shape))
+        x, y, z = self.original_shape
+        if self.crop < 0 or 2 * self.crop >= min(x, y):
+            raise ValueError(f"bratsloader.py: crop {self.crop} too large for in-plane {(x, y)}")
+        if self.padded_depth < z:
+            raise ValueError(f"bratsloader.py: padded_depth {self.padded_depth} < depth {z}")
+
+    @property
+    def network_shape(self) -> tuple[int, int, int]:
+        """(X - 2 crop, Y - 2 crop, padded_depth): the grid the network sees."""
+        x, y, _ = self.original_shape
+        return (x - 2 * self.crop, y - 2 * self.crop, self.padded_depth)
+
+    @classmethod
+    def scaled(cls, factor: float) -> "Geometry":
+        """BraTS geometry with every size multiplied by ``factor`` and rounded.
+
+        ``Geometry.scaled(0.25)``: original (60, 60, 39), network (56, 56, 40).
+        """
+        if not 0 < factor <= 1:
+            raise ValueError(f"bratsloader.py: scale factor must be in (0, 1], got {factor}")
+        x, y, z = (int(round(s * factor)) for s in BRATS_ORIGINAL_SHAPE)
+        depth = max(int(round(BRATS_PADDED_DEPTH * factor)), z)
+        return cls((x, y, z), int(round(BRATS_CROP * factor)), depth)
+
+    @classmethod
+    def from_original_shape(cls, shape: tuple[int, int, int]) -> "Geometry":
+        """The BraTS geometry or the ``scaled`` one whose original shape is ``shape``."""
+        shape = tuple(int(s) for s in shape)
+        if len(shape) == 3 and shape[0] >= 1:
+            geometry = cls.scaled(shape[0] / BRATS_ORIGINAL_SHAPE[0]) if shape[0] <= 240 else None
+            if geometry is not None and geometry.original_shape == shape:
+                return geometry
+        raise ValueError(
+            f"bratsloader.py: shape {shape} is neither BraTS {BRATS_ORIGINAL_SHAPE} nor a "
+            "Geometry.scaled() version of it; build a Geometry explicitly"
+        )
+
+    def check_divisible(self, levels: int) -> None:
+        """Raise ValueError unless every network axis is divisible by ``2**levels``."""
+        multiple = 2**levels
+        if any(s % multiple for s in self.network_shape):
+            raise ValueError(
+                f"bratsloader.py: network shape {self.network_shape} is not divisible by "
+                f"2**{levels} = {multiple}; choose another size or fewer levels"
+            )
+
+
+BRATS_GEOMETRY = Geometry()
+
+
+def _zeros_like(vol, shape):
+    if isinstance(vol, torch.Tensor):
+        return torch.zeros(shape, dtype=vol.dtype, device=vol.device)
+    return np.zeros(shape, dtype=vol.dtype)
+
+
+def to_network_grid(vol, geometry: Geometry = BRATS_GEOMETRY):
+    """Pad the last axis at its end and crop the in-plane axes.
+
+    Args:
+        vol: numpy array or torch tensor (..., *geometry.original_shape).
+
+    Returns:
+        Same type, dtype and device, shape (..., *geometry.network_shape).
+    """
+    x, y, z = geometry.original_shape
+    if tuple(vol.shape[-3:]) != geometry.original_shape:
+        raise ValueError(
+            f"bratsloader.py: to_network_grid expects (..., {x}, {y}, {z}), got {tuple(vol.shape)}"
+        )
+    c = geometry.crop
+    padded = _zeros_like(vol, tuple(vol.shape[:-3]) + (x, y, geometry.padded_depth))
+    padded[..., :z] = vol
+    return padded[..., c : x - c, c : y - c, :]
+
+
+def to_original_grid(vol, geometry: Geometry = BRATS_GEOMETRY):
+    """Inverse of ``to_network_grid``: un-crop with zeros, drop the depth padding.
+
+    Args:
+        vol: numpy array or torch tensor (..., *geometry.network_shape).
+
+    Returns:
+        Same type, dtype and device, shape (..., *geometry.original_shape).
+    """
+    if tuple(vol.shape[-3:]) != geometry.network_shape:
+        raise ValueError(
+            f"bratsloader.py: to_original_grid expects (..., {geometry.network_shape}), "
+            f"got {tuple(vol.shape)}"
+        )
+    x, y, z = geometry.original_shape
+    c = geometry.crop
+    out = _zeros_like(vol, tuple(vol.shape[:-3]) + geometry.original_shape)
+    out[..., c : x - c, c : y - c, :] = vol[..., :z]
+    return out
+
+
+def normalize_intensity(vol: np.ndarray) -> np.ndarray:
+    """Clip to the 0.1 / 99.9 percentiles and min-max scale to [0, 1] (cWDM).
+
+    Args:
+        vol: (X, Y, Z) array of finite values.
+
+    Returns:
+        float32 array of the same shape with values in [0, 1].
+    """
+    low, high = np.quantile(vol, CLIP_QUANTILES)
+    if not high > low:
+        raise ValueError(f"volume is constant after percentile clipping ({low:g}); cannot scale")
+    clipped = np.clip(vol.astype(np.float64), low, high)
+    return ((clipped - low) / (high - low)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- file checks
+
+
+def _open_header(path: Path, geometry: Geometry | None) -> nib.Nifti1Image:
+    """Load a NIfTI header lazily; check dimensionality and (unless None) the geometry."""
+    try:
+        image = nib.load(path)
+    except _READ_ERRORS as exc:
+        raise CaseError(path, f"cannot read as NIfTI ({exc})") from exc
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise CaseError(path, f"not a NIfTI image ({type(image).__name__})")
+    if len(image.shape) != 3:
+        raise CaseError(path, f"expected a 3D volume, got {len(image.shape)}D shape {image.shape}")
+    if geometry is not None and tuple(image.shape) != geometry.original_shape:
+        raise CaseError(path, f"shape {image.shape} != expected {geometry.original_shape}")
+    return image
+
+
+def _read_voxels(path: Path, image: nib.Nifti1Image) -> np.ndarray:
+    """All voxels as float64 (X, Y, Z); truncated or corrupt data -> CaseError."""
+    try:
+        data = np.asarray(image.get_fdata(dtype=np.float64))
+    except _READ_ERRORS as exc:
+        raise CaseError(path, f"cannot read voxel data, file truncated or corrupt ({exc})") from exc
+    if not np.isfinite(data).all():
+        raise CaseError(path, f"{int((~np.isfinite(data)).sum())} voxels are NaN or Inf")
+    return data
+
+
+def _check_modality(path: Path, data: np.ndarray) -> None:
+    if not data.any():
+        raise CaseError(path, "volume is all zero")
+    if data.min() == data.max():
+        raise CaseError(path, f"volume is constant ({data.min():g})")
+
+
+def _check_seg(path: Path, data: np.ndarray) -> None:
+    bad = ~np.isin(data, SEG_LABELS)
+    if bad.any():
+        labels = np.unique(data[bad])[:10].tolist()
+        raise CaseError(path, f"segmentation labels {labels} outside {SEG_LABELS} (BraTS 2023)")
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case folder: the files found in it and, in auto mode, the missing modality."""
+
+    case_id: str
+    folder: Path
+    files: dict[str, Path] = field(hash=False)  # modality or "seg" -> path
+    missing: str | None = None
+
+    @property
+    def seg_path(self) -> Path | None:
+        return self.files.get(SEG)
+
+    @property
+    def reference_path(self) -> Path:
+        """First present modality: its affine and header are the case's grid."""
+        return next(self.files[m] for m in MODALITIES if m in self.files)
+
+
+def expected_path(folder: Path, name: str) -> Path:
+    """``<folder>/<folder name>-<name>.nii.gz``."""
+    return folder / f"{folder.name}-{name}{NIFTI_SUFFIX}"
+
+
+def _scan_folder(folder: Path, mode: Mode) -> Case:
+    """Match the folder's files to BraTS names; check presence for ``mode``."""
+    wanted = {expected_path(folder, n).name: n for n in (*MODALITIES, SEG)}
+    files = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.name not in wanted or not entry.is_file():
+            raise CaseError(
+                entry,
+                f"unexpected file; a case folder holds only "
+                f"{folder.name}-{{{','.join((*MODALITIES, SEG))}}}{NIFTI_SUFFIX}",
+            )
+        files[wanted[entry.name]] = entry
+    absent = [m for m in MODALITIES if m not in files]
+    if mode == "train" and absent:
+        raise CaseError(expected_path(folder, absent[0]),
+                        f"missing modality {', '.join(absent)} (training needs all four)")
+    if mode == "auto" and len(absent) != 1:
+        problem = "no modality is missing" if not absent else \
+            f"{len(absent)} modalities missing ({', '.join(absent)})"
+        raise CaseError(folder, f"{problem}; auto mode needs exactly one of {MODALITIES} missing")
+    return Case(folder.name, folder, files, absent[0] if mode == "auto" else None)
+
+
+def check_case(
+    case: Case, geometry: Geometry | None = BRATS_GEOMETRY, *, check_data: bool = False
+) -> None:
+    """Header checks for every file of ``case`` (voxel checks too with ``check_data``).
+
+    With ``geometry=None`` the files must agree with each other but may have any shape.
+    """
+    reference = None
+    for name, path in case.files.items():
+        image = _open_header(path, geometry)
+        if reference is None:
+            reference = (path, image)
+        elif image.shape != reference[1].shape:
+            raise CaseError(path, f"shape {image.shape} differs from {reference[0].name} "
+                                  f"{reference[1].shape}")
+        elif not np.allclose(image.affine, reference[1].affine, atol=AFFINE_ATOL_MM):
+            raise CaseError(path, f"affine differs from {reference[0].name}:\n{image.affine}")
+        if check_data:
+            data = _read_voxels(path, image)
+            (_check_seg if name == SEG else _check_modality)(path, data)
+
+
+def discover_cases(
+    root: str | os.PathLike,
+    *,
+    mode: Mode = "train",
+    geometry: Geometry | None = BRATS_GEOMETRY,
+    check_data: bool = False,
+) -> tuple[list[Case], list[CaseError]]:
+    """Find BraTS cases under ``root`` (one sub-folder per case, sorted by name).
+
+    Args:
+        root: dataset folder; files directly in it (e.g. ``missing_modalities.json``)
+            and hidden entries are ignored.
+        mode: ``"train"``: all four modalities present (seg optional);
+            ``"auto"``: exactly one of the four missing (``Case.missing``).
+        geometry: expected original shape of every file (None: any shape, but the
+            files of one case must agree).
+        check_data: also read every voxel (NaN/Inf, all-zero, seg labels, truncated
+            gzip); slow on the full BraTS set, otherwise done by ``load_case``.
+
+    Returns:
+        ``(cases, errors)``: the good cases and one ``CaseError`` per bad case.
+    """
+    if mode not in ("train", "auto"):
+        raise ValueError(f"bratsloader.py: mode must be 'train' or 'auto', got {mode!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise CaseError(root, "dataset folder does not exist or is not a folder")
+    cases, errors = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            case = _scan_folder(folder, mode)
+            check_case(case, geometry, check_data=check_data)
+        except CaseError as err:
+            logger.warning("skipping case: %s", err)
+            errors.append(err)
+        else:
+            cases.append(case)
+    logger.info("%s: %d good cases, %d bad (mode %s)", root, len(cases), len(errors), mode)
+    return cases, errors
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class CaseData:
+    """A case on the network grid.
+
+    Attributes:
+        volumes: (4, *network_shape) float32 in [0, 1], ``MODALITIES`` order; the
+            channel of a missing modality is zero.
+        available: (4,) bool, False for the missing modality.
+        brain_mask: (*network_shape) bool, voxel > 0 in any present input modality.
+        seg: (*network_shape) uint8 labels in ``SEG_LABELS``, or None.
+        reference: header-only image whose affine and header outputs must reuse.
+    """
+
+    case: Case
+    volumes: np.ndarray
+    available: np.ndarray
+    brain_mask: np.ndarray
+    seg: np.ndarray | None
+    reference: nib.Nifti1Image
+
+
+def load_case(case: Case, geometry: Geometry = BRATS_GEOMETRY) -> CaseData:
+    """Read, check and preprocess one case; any problem raises ``CaseError``."""
+    network = geometry.network_shape
+    volumes = np.zeros((len(MODALITIES), *network), dtype=np.float32)
+    available = np.array([m in case.files for m in MODALITIES])
+    brain = np.zeros(geometry.original_shape, dtype=bool)
+    for i, modality in enumerate(MODALITIES):
+        if not available[i]:
+            continue
+        path = case.files[modality]
+        data = _read_voxels(path, _open_header(path, geometry))
+        _check_modality(path, data)
+        brain |= data > 0
+        try:
+            volumes[i] = to_network_grid(normalize_intensity(data), geometry)
+        except ValueError as exc:
+            raise CaseError(path, str(exc)) from exc
+    seg = None
+    if case.seg_path is not None:
+        data = _read_voxels(case.seg_path, _open_header(case.seg_path, geometry))
+        _check_seg(case.seg_path, data)
+        seg = to_network_grid(data.astype(np.uint8), geometry)
+    return CaseData(case, volumes, available, to_network_grid(brain, geometry), seg,
+                    load_reference(case, geometry))
+
+
+def load_reference(case: Case, geometry: Geometry = BRATS_GEOMETRY) -> nib.Nifti1Image:
+    """Header-only image of the case's first present modality (affine + header)."""
+    return _open_header(case.reference_path, geometry)
+
+
+class BratsDataset(Dataset):
+    """Cases as dicts of tensors on the network grid.
+
+    Each item: ``volumes`` (4, *network_shape) float32, ``available`` (4,) bool,
+    ``brain_mask`` (*network_shape) bool, ``case_id`` str, and ``seg``
+    (*network_shape) uint8 when every case of the dataset has a segmentation
+    (so that batches always have the same keys).
+    """
+
+    def __init__(self, cases: list[Case], geometry: Geometry = BRATS_GEOMETRY):
+        if not cases:
+            raise ValueError("bratsloader.py: BratsDataset needs at least one case")
+        self.cases = list(cases)
+        self.geometry = geometry
+        self.has_seg = all(c.seg_path is not None for c in self.cases)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict:
+        data = load_case(self.cases[index], self.geometry)
+        item = {
+            "volumes": torch.from_numpy(data.volumes),
+            "available": torch.from_numpy(data.available),
+            "brain_mask": torch.from_numpy(data.brain_mask),
+            "case_id": data.case.case_id,
+        }
+        if self.has_seg:
+            item["seg"] = torch.from_numpy(data.seg)
+        return item
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_nifti(
+    path: str | os.PathLike, image: nib.Nifti1Image, *, overwrite: bool = False
+) -> Path:
+    """Save ``image`` atomically: a temporary file in the same folder, then ``os.replace``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"bratsloader.py: {path} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=NIFTI_SUFFIX)
+    os.close(fd)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_volume(
+    path: str | os.PathLike,
+    vol,
+    reference: nib.Nifti1Image,
+    *,
+    overwrite: bool = False,
+    dtype=np.float32,
+) -> Path:
+    """Write ``vol`` on the reference's grid with its affine and header.
+
+    Args:
+        vol: (X, Y, Z) numpy array or tensor on the original grid (``to_original_grid``).
+        reference: image of the case (``load_reference``); only the data type changes.
+    """
+    if isinstance(vol, torch.Tensor):
+        vol = vol.detach().cpu().numpy()
+    if tuple(vol.shape) != tuple(reference.shape):
+        raise ValueError(
+            f"bratsloader.py: cannot save {path}: volume shape {vol.shape} != reference "
+            f"shape {reference.shape} (map it back with to_original_grid first)"
+        )
+    header = reference.header.copy()
+    header.set_data_dtype(dtype)
+    image = type(reference)(np.asarray(vol, dtype=dtype), reference.affine, header=header)
+    return write_nifti(path, image, overwrite=overwrite)

@@ -1,0 +1,241 @@
+"""Checkpoints: atomic save, safe load (never unpickles code), cWDM weights, safetensors, hub.
+
+A Fast-cWDM checkpoint is a ``torch.save`` dict of tensors and plain types only (loadable
+with ``weights_only=True``)::
+
+    {"format": "fast-cwdm/1", "model": state_dict, "ema": state_dict | None,
+     "optimizer": state_dict | None, "step": int, "config": {"model": ..., "diffusion": ...,
+     "train": ...}, "schedule": NoiseSchedule.state_dict(), "extra": {...}}
+
+cWDM's published checkpoints are bare UNet state dicts; :func:`load_model` recognises them and
+infers the model configuration from the tensor shapes (with cWDM's linear 1000-step schedule).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DiffusionConfig, ModelConfig, build_model, build_schedule
+from .schedules import NoiseSchedule
+
+FORMAT = "fast-cwdm/1"
+CWDM_NUM_GROUPS = 32  # GroupNorm groups of cWDM's published models (not recoverable from shapes)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not fit; the message names the file and the problem."""
+
+
+def atomic_write(path: str | Path, write_fn) -> Path:
+    """Call ``write_fn(tmp_path)`` on a temporary file in the target folder, then rename it over
+    ``path``; an interrupted write never leaves a partial file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
+    """Atomically save a checkpoint dict and write its resolved config as JSON next to it."""
+    checkpoint = {"format": FORMAT, **checkpoint}
+    path = atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    from .config import save_json
+
+    save_json(checkpoint.get("config", {}), path.with_suffix(".json"))
+    return path
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a ``.pt`` / ``.safetensors`` file without executing code.
+
+    Raises CheckpointError naming the file for a missing or corrupt file and for one that
+    carries pickled objects (which ``weights_only`` refuses to run).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path, map_location)
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused to load: the file contains pickled Python objects, which could run code "
+            f"(only tensors and plain types are accepted; details: {str(err).splitlines()[0]})") from None
+    except Exception as err:  # zip errors, truncation, wrong format
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
+    return data
+
+
+def export_safetensors(checkpoint: dict[str, Any], path: str | Path, use_ema: bool = True) -> Path:
+    """Inference weights as .safetensors, the resolved config and schedule in the metadata."""
+    from safetensors.torch import save_file
+
+    weights = checkpoint["ema"] if use_ema and checkpoint.get("ema") else checkpoint["model"]
+    tensors = {k: v.contiguous() for k, v in weights.items()}
+    meta = {"format": FORMAT, "config": json.dumps(checkpoint.get("config", {})), "step": str(checkpoint.get("step", 0))}
+    if "schedule" in checkpoint:
+        meta["schedule"] = json.dumps({k: (v.tolist() if torch.is_tensor(v) else v)
+                                       for k, v in checkpoint["schedule"].items()})
+    if "extra" in checkpoint:
+        meta["extra"] = json.dumps(checkpoint["extra"])
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def _read_safetensors(path: Path, map_location) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=str(map_location)) as fh:
+            meta = fh.metadata() or {}
+            weights = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    if meta.get("format") != FORMAT:
+        return weights  # a bare state dict (e.g. cWDM weights converted to safetensors)
+    out: dict[str, Any] = {"format": FORMAT, "model": weights, "ema": None, "step": int(meta.get("step", 0)),
+                           "config": json.loads(meta["config"]), "extra": json.loads(meta.get("extra", "{}"))}
+    if "schedule" in meta:
+        sched = json.loads(meta["schedule"])
+        out["schedule"] = {k: (torch.tensor(v, dtype=torch.float64) if isinstance(v, list) else v)
+                           for k, v in sched.items()}
+    return out
+
+
+def is_bare_state_dict(data: dict[str, Any]) -> bool:
+    return "format" not in data and all(torch.is_tensor(v) for v in data.values())
+
+
+def infer_cwdm_model_config(state: dict[str, torch.Tensor], num_groups: int = CWDM_NUM_GROUPS) -> ModelConfig:
+    """Recover the UNet configuration of a bare cWDM state dict from its parameter shapes."""
+    try:
+        ch = state["time_embed.0.weight"].shape[1]
+        in_ch = state["input_blocks.0.0.weight"].shape[1]
+        out_ch = state["out.2.weight"].shape[0]
+    except KeyError as err:
+        raise CheckpointError(f"not a cWDM UNet state dict (missing {err})") from None
+    n_out = len({k.split(".")[1] for k in state if k.startswith("output_blocks.")})
+    for n_res in range(1, 5):
+        if n_out % (n_res + 1):
+            continue
+        levels = n_out // (n_res + 1)
+        try:
+            mult = tuple(state[f"input_blocks.{1 + lvl * (n_res + 1)}.0.in_layers.2.weight"].shape[0] // ch
+                         for lvl in range(levels))
+            cfg = ModelConfig(num_channels=ch, channel_mult=mult, num_res_blocks=n_res,
+                              num_groups=num_groups, in_channels=in_ch, out_channels=out_ch)
+        except (KeyError, ValueError):
+            continue
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+        if expected == {k: tuple(v.shape) for k, v in state.items()}:
+            return cfg
+    raise CheckpointError("state dict does not match any cWDM UNet layout (1-4 res blocks per level)")
+
+
+def describe_config_difference(expected: dict, found: dict) -> list[str]:
+    """Human-readable differences between two config dicts (``key: expected -> found``)."""
+    keys = sorted(set(expected) | set(found))
+    return [f"{k}: {expected.get(k, '<absent>')!r} -> {found.get(k, '<absent>')!r}"
+            for k in keys if expected.get(k) != found.get(k)]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for sampling, with everything that was stored beside it."""
+
+    model: torch.nn.Module
+    model_config: ModelConfig
+    diffusion_config: DiffusionConfig
+    schedule: NoiseSchedule
+    source: str
+    step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
+               expected_model_config: ModelConfig | None = None) -> LoadedModel:
+    """Build the model a checkpoint describes and load its weights (EMA when present).
+
+    Accepts Fast-cWDM checkpoints (.pt or .safetensors) and cWDM's bare state dicts. With
+    ``expected_model_config``, refuses a checkpoint whose config differs and says what differs.
+    """
+    path = Path(path)
+    data = read_checkpoint(path)
+    if is_bare_state_dict(data):
+        try:
+            model_cfg = infer_cwdm_model_config(data)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        diff_cfg, weights, step, extra, schedule = DiffusionConfig(), data, 0, {"origin": "cwdm"}, None
+    elif data.get("format") == FORMAT:
+        try:
+            model_cfg = ModelConfig.from_dict(data["config"]["model"])
+            diff_cfg = DiffusionConfig.from_dict(data["config"]["diffusion"])
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"{path}: invalid or missing config in checkpoint ({err})") from None
+        weights = data["ema"] if use_ema and data.get("ema") else data["model"]
+        step, extra = int(data.get("step", 0)), dict(data.get("extra", {}))
+        schedule = NoiseSchedule.from_state_dict(data["schedule"]) if "schedule" in data else None
+    else:
+        raise CheckpointError(f"{path}: unknown checkpoint format {data.get('format')!r}")
+    if expected_model_config is not None and expected_model_config != model_cfg:
+        diff = describe_config_difference(expected_model_config.to_dict(), model_cfg.to_dict())
+        raise CheckpointError(f"{path}: model config differs from the expected one: " + "; ".join(diff))
+    model = build_model(model_cfg)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit the model ({str(err).splitlines()[0]} ...)") from None
+    model.to(device).eval()
+    return LoadedModel(model, model_cfg, diff_cfg, schedule or build_schedule(diff_cfg), str(path), step, extra)
+
+
+HUB_PREFIX = "hf://"
+
+
+def resolve_model_source(source: str, cache_dir: str | Path | None = None) -> Path:
+    """A local checkpoint path, or ``hf://<org>/<repo>/<filename>[@revision]`` fetched through
+    huggingface_hub (its cache; ``HF_HUB_OFFLINE=1`` respected). Returns a local file path."""
+    if not source.startswith(HUB_PREFIX):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"{path}: checkpoint not found")
+        return path
+    spec = source[len(HUB_PREFIX):]
+    spec, _, revision = spec.partition("@")
+    parts = spec.split("/")
+    if len(parts) < 3:
+        raise CheckpointError(f"{source}: expected hf://<org>/<repo>/<filename>[@revision]")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision or None,
+                                    cache_dir=str(cache_dir) if cache_dir else None))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{source}: not in the local Hugging Face cache and the hub cannot be reached "
+            f"(offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}); download it on a "
+            "connected machine or pass a local checkpoint path") from None
+    except Exception as err:
+        raise CheckpointError(f"{source}: download failed ({type(err).__name__}: {err})") from None

@@ -1,0 +1,302 @@
+"""FATS: Frequency-Adaptive Timestep Scheduling (see ../shared/design/FATS.md).
+
+This module holds the parts that shape the *schedule*:
+
+* :func:`band_energy_stats`: per-band mean energy E_b of the normalised target subbands
+  inside the brain (design step 1);
+* :func:`shifts_from_energy`: energy-equalising log-SNR shifts ``delta_b = -kappa log(E_b / E_ref)``;
+* :func:`per_band_schedule` / :func:`fats_schedule`: ``lambda_b(t) = lambda(t) + delta_b`` with
+  every band's endpoints re-pinned to the base curve's (design step 2);
+* :func:`ramped_shifts`: shifts ramped in from zero when fine-tuning a shared-schedule checkpoint;
+* :func:`fats_state_dict` / :func:`load_fats_state`: what FATS stores in a checkpoint.
+
+The searches over the *sampler* (learned timesteps, kappa / shift refinement) live in
+:mod:`guided_diffusion.fats_search` and are re-exported here.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from DWT_IDWT import BAND_NAMES, LLL_SCALE
+
+from .config import DiffusionConfig
+from .fats_search import BAND_GROUPS, learn_timesteps, refine_group_shifts, search_kappa
+from .schedules import NoiseSchedule, cosine, linear
+
+__all__ = [
+    "BAND_GROUPS", "band_energy_stats", "fats_schedule", "fats_state_dict", "learn_timesteps",
+    "load_fats_state", "per_band_schedule", "ramped_shifts", "refine_group_shifts", "search_kappa",
+    "shifts_from_energy", "subband_mask",
+]
+
+FATS_STATE_VERSION = 1
+
+
+# --------------------------------------------------------------------------- 1. energy statistics
+
+
+def subband_mask(brain_mask: torch.Tensor) -> torch.Tensor:
+    """Voxel brain mask -> subband-resolution mask by 2x2x2 max-pooling.
+
+    A subband coefficient counts as brain when any of the 8 voxels it summarises is brain.
+    Args:
+        brain_mask: (D, H, W), (B, D, H, W) or (B, 1, D, H, W), any dtype (nonzero = brain).
+    Returns:
+        (B, 1, D/2, H/2, W/2) bool.
+    """
+    m = brain_mask
+    if m.ndim == 3:
+        m = m[None, None]
+    elif m.ndim == 4:
+        m = m[:, None]
+    if m.ndim != 5 or m.shape[1] != 1:
+        raise ValueError(f"subband_mask: expected (D, H, W), (B, D, H, W) or (B, 1, D, H, W), got {tuple(brain_mask.shape)}")
+    return F.max_pool3d((m != 0).float(), kernel_size=2, stride=2) > 0
+
+
+def band_energy_stats(target_subbands_iter: Iterable[torch.Tensor],
+                      brain_masks_iter: Iterable[torch.Tensor] | None = None,
+                      *, label: str = "target") -> dict:
+    """Mean energy per band of normalised target subbands inside the brain (design step 1).
+
+    Args:
+        target_subbands_iter: tensors (8, d, h, w) or (B, 8, d, h, w): ``to_subbands`` output
+            (LLL already divided by ``LLL_SCALE``). Pass residuals ``x0 - pred_x0`` instead
+            to measure the residual energy R_b of the design's refinement (``label="residual"``).
+        brain_masks_iter: matching voxel masks (D, H, W) / (B, D, H, W) / (B, 1, D, H, W) at
+            twice the subband resolution, or None to use every coefficient.
+        label: what was measured, stored in the result.
+    Returns:
+        JSON-serialisable dict: ``energy`` / ``mean`` / ``variance`` (band name -> float; energy
+        is the mean of x^2 over brain coefficients of all volumes pooled), ``case_energy``
+        (band name -> list, one mean energy per volume), ``count`` (brain coefficients per band),
+        ``n_volumes``, ``band_names``, ``lll_scale``, ``label``.
+    """
+    n = len(BAND_NAMES)
+    total = torch.zeros(n, dtype=torch.float64)
+    total_sq = torch.zeros(n, dtype=torch.float64)
+    count = 0
+    case_energy: list[list[float]] = []
+    masks = brain_masks_iter if brain_masks_iter is not None else _nones()
+    pairs = zip(target_subbands_iter, masks, strict=brain_masks_iter is not None)
+    for bands, mask in pairs:
+        bands = bands if bands.ndim == 5 else bands[None]
+        if bands.ndim != 5 or bands.shape[1] != n:
+            raise ValueError(f"band_energy_stats: expected ({n}, d, h, w) or (B, {n}, d, h, w) subbands, "
+                             f"got {tuple(bands.shape)}")
+        bands = bands.detach().double().cpu()
+        if mask is None:
+            sub = torch.ones(bands.shape[0], 1, *bands.shape[2:], dtype=torch.bool)
+        else:
+            sub = subband_mask(mask.detach().cpu())
+            if sub.shape[0] == 1 and bands.shape[0] > 1:
+                sub = sub.expand(bands.shape[0], -1, -1, -1, -1)
+            if sub.shape[0] != bands.shape[0] or sub.shape[2:] != bands.shape[2:]:
+                raise ValueError(f"band_energy_stats: mask {tuple(mask.shape)} does not match subbands "
+                                 f"{tuple(bands.shape)} (the mask is at voxel resolution, twice the subbands')")
+        w = sub.double()
+        for i in range(bands.shape[0]):
+            k = int(w[i].sum())
+            if k == 0:
+                continue  # an empty mask carries no information about the bands
+            x = bands[i] * w[i]
+            total += x.sum(dim=(1, 2, 3))
+            sq = (x * bands[i]).sum(dim=(1, 2, 3))
+            total_sq += sq
+            count += k
+            case_energy.append((sq / k).tolist())
+    if count == 0:
+        raise ValueError("band_energy_stats: no brain coefficients seen (empty input or empty masks)")
+    mean = total / count
+    energy = total_sq / count
+    variance = (energy - mean ** 2).clamp_min(0.0)
+    return {
+        "label": label,
+        "band_names": list(BAND_NAMES),
+        "energy": dict(zip(BAND_NAMES, energy.tolist())),
+        "mean": dict(zip(BAND_NAMES, mean.tolist())),
+        "variance": dict(zip(BAND_NAMES, variance.tolist())),
+        "case_energy": {b: [c[j] for c in case_energy] for j, b in enumerate(BAND_NAMES)},
+        "count": count,
+        "n_volumes": len(case_energy),
+        "lll_scale": LLL_SCALE,
+    }
+
+
+def _nones():
+    while True:
+        yield None
+
+
+def shifts_from_energy(stats: dict, kappa: float = 1.0, reference: str | float = "mean",
+                       max_shift: float = 4.0, groups: Sequence[Sequence[str]] | None = None,
+                       key: str = "energy") -> tuple[float, ...]:
+    """Energy-equalising log-SNR shifts ``delta_b = -kappa log(E_b / E_ref)``, clipped to +-max_shift.
+
+    A band with less energy than the reference gets a positive shift (less noise at a given t),
+    so that with kappa = 1 every band sees the same effective SNR ``E_b alpha_bar / (1 - alpha_bar)``;
+    kappa = 0 gives cWDM's shared schedule.
+    Args:
+        stats: a :func:`band_energy_stats` result.
+        reference: ``"mean"`` (arithmetic mean of the band energies), ``"geomean"`` (geometric
+            mean: unclipped shifts sum to zero), a band name (that band keeps its curve), or a number.
+        groups: optional band groups (e.g. :data:`BAND_GROUPS`) sharing one energy, their mean.
+        key: which per-band statistic to equalise (``"energy"`` or ``"variance"``).
+    Returns:
+        One shift per band, in ``BAND_NAMES`` order (ready for ``DiffusionConfig.band_shifts``).
+    """
+    energy = {b: float(stats[key][b]) for b in BAND_NAMES}
+    if min(energy.values()) <= 0:
+        raise ValueError(f"shifts_from_energy: band {key} must be positive, got {energy}")
+    if groups is not None:
+        seen = [b for g in groups for b in g]
+        if sorted(seen) != sorted(BAND_NAMES):
+            raise ValueError(f"shifts_from_energy: groups must cover every band exactly once, got {groups}")
+        for g in groups:
+            e = sum(energy[b] for b in g) / len(g)
+            energy.update({b: e for b in g})
+    values = list(energy.values())
+    if reference == "mean":
+        ref = sum(values) / len(values)
+    elif reference == "geomean":
+        ref = math.exp(sum(math.log(v) for v in values) / len(values))
+    elif isinstance(reference, str):
+        if reference not in energy:
+            raise ValueError(f"shifts_from_energy: reference must be 'mean', 'geomean', a band name "
+                             f"{BAND_NAMES} or a number, got {reference!r}")
+        ref = energy[reference]
+    else:
+        ref = float(reference)
+        if ref <= 0:
+            raise ValueError(f"shifts_from_energy: reference energy must be positive, got {ref}")
+    return tuple(min(max(-kappa * math.log(energy[b] / ref), -max_shift), max_shift) for b in BAND_NAMES)
+
+
+# --------------------------------------------------------------------------- 2. per-band schedules
+
+
+def per_band_schedule(base: NoiseSchedule, shifts: Sequence[float] | torch.Tensor,
+                      max_shift: float | None = None, name: str | None = None) -> NoiseSchedule:
+    """Shift the base log-SNR per band, then re-pin each band's endpoints to the base curve's.
+
+    ``lambda_b(t) = lambda(t) + delta_b``; ``sqrt(alpha_bar_b)`` is then mapped affinely so that
+    its values at t = 0 and t = T-1 equal the base curve's (Lin et al. 2023's rescaling, but to
+    the base's small positive terminal value instead of zero, since alpha_bar must stay > 0).
+    So every band starts from the same pure noise and ends as clean as the base, while the
+    shift holds in the middle of the schedule. A band with zero shift keeps the base row
+    bit for bit, so all-zero shifts give exactly the base schedule.
+    Args:
+        base: a schedule whose bands all share one curve (row 0 is used).
+        shifts: (n_bands,) log-SNR shifts; clipped to +-max_shift when that is given.
+    """
+    shifts = torch.as_tensor(shifts, dtype=torch.float64).flatten()
+    if max_shift is not None:
+        shifts = shifts.clamp(-max_shift, max_shift)
+    if not bool(torch.isfinite(shifts).all()):
+        raise ValueError(f"per_band_schedule: shifts must be finite, got {shifts.tolist()}")
+    if base.n_bands > 1 and not bool((base.alpha_bar == base.alpha_bar[:1]).all()):
+        raise ValueError("per_band_schedule: the base schedule must share one curve across bands")
+    curve = base.alpha_bar[0]
+    rows = []
+    for delta in shifts.tolist():
+        if delta == 0.0 or curve.numel() < 2:
+            rows.append(curve.clone())
+            continue
+        log_snr = torch.log(curve) - torch.log1p(-curve)
+        root = torch.sigmoid(log_snr + delta).sqrt()
+        lo, hi = curve[-1].sqrt(), curve[0].sqrt()
+        pinned = root.clone()
+        pinned[0], pinned[-1] = hi, lo  # exact endpoints despite rounding
+        rows.append(pinned ** 2)
+    alpha_bar = torch.stack(rows)
+    if name is None:
+        name = base.name if not bool(shifts.any()) else f"fats-{base.name}"
+    return NoiseSchedule(alpha_bar, base.model_times.clone(), name)
+
+
+def fats_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
+    """The FATS schedule of a config: the base curve (``cfg.fats_base`` with ``cfg.steps``) with
+    ``cfg.band_shifts`` (all zero when empty) applied per band and capped at ``cfg.max_shift``."""
+    if cfg.fats_base == "linear":
+        base = linear(cfg.steps, cfg.beta_start, cfg.beta_end, n_bands=1)
+    elif cfg.fats_base == "cosine":
+        base = cosine(cfg.steps, n_bands=1)
+    else:
+        raise ValueError(f"fats_schedule: unknown base curve {cfg.fats_base!r}")
+    shifts = cfg.band_shifts or (0.0,) * cfg.n_bands
+    if len(shifts) != cfg.n_bands:
+        raise ValueError(f"fats_schedule: {len(shifts)} shifts for {cfg.n_bands} bands")
+    return per_band_schedule(base, shifts, cfg.max_shift)
+
+
+def ramped_shifts(shifts: Sequence[float], step: int, ramp_steps: int) -> tuple[float, ...]:
+    """``shifts * min(1, step / ramp_steps)``: fine-tuning from a shared-schedule checkpoint
+    starts at zero shift (the schedule it was trained on). ``ramp_steps <= 0``: no ramp."""
+    factor = 1.0 if ramp_steps <= 0 else min(1.0, max(0, step) / ramp_steps)
+    return tuple(float(s) * factor for s in shifts)
+
+
+# --------------------------------------------------------------------------- 6. checkpoint state
+
+
+def fats_state_dict(*, energy_stats: dict | None = None, band_shifts: Sequence[float] | None = None,
+                    timesteps: dict | None = None, kappa: float | None = None,
+                    extra: dict | None = None) -> dict:
+    """Everything FATS stores next to the weights, as plain JSON types.
+
+    Args:
+        energy_stats: a :func:`band_energy_stats` result.
+        band_shifts: the shifts the model was trained with.
+        timesteps: K -> learned steps, each a list of step indices or a
+            :func:`learn_timesteps` result (its ``steps`` and errors are kept).
+        kappa: the kappa the shifts came from, if any.
+        extra: any other JSON-serialisable notes.
+    """
+    steps_out = {}
+    for k, value in (timesteps or {}).items():
+        entry = dict(value) if isinstance(value, dict) else {"steps": value}
+        entry["steps"] = _check_step_list(entry["steps"], int(k))
+        steps_out[str(int(k))] = {key: (list(v) if isinstance(v, tuple) else v) for key, v in entry.items()}
+    return {
+        "version": FATS_STATE_VERSION,
+        "energy_stats": energy_stats,
+        "band_shifts": None if band_shifts is None else [float(s) for s in band_shifts],
+        "kappa": None if kappa is None else float(kappa),
+        "timesteps": steps_out,
+        "extra": dict(extra or {}),
+    }
+
+
+def load_fats_state(state: dict) -> dict:
+    """Inverse of :func:`fats_state_dict` (also accepts its JSON-decoded form).
+
+    Returns a dict with ``energy_stats``, ``band_shifts`` (tuple of floats or None), ``kappa``,
+    ``timesteps`` (int K -> dict with ``steps`` a list of ints, plus any stored errors), ``extra``.
+    """
+    version = state.get("version")
+    if version != FATS_STATE_VERSION:
+        raise ValueError(f"load_fats_state: unsupported FATS state version {version!r} (expected {FATS_STATE_VERSION})")
+    timesteps = {}
+    for k, entry in (state.get("timesteps") or {}).items():
+        entry = dict(entry)
+        entry["steps"] = _check_step_list(entry["steps"], int(k))
+        timesteps[int(k)] = entry
+    shifts = state.get("band_shifts")
+    return {
+        "energy_stats": state.get("energy_stats"),
+        "band_shifts": None if shifts is None else tuple(float(s) for s in shifts),
+        "kappa": state.get("kappa"),
+        "timesteps": timesteps,
+        "extra": dict(state.get("extra") or {}),
+    }
+
+
+def _check_step_list(steps, k: int) -> list[int]:
+    steps = [int(s) for s in (steps.tolist() if isinstance(steps, torch.Tensor) else steps)]
+    if len(steps) != k or any(a <= b for a, b in zip(steps, steps[1:])) or (steps and steps[-1] < 0):
+        raise ValueError(f"FATS state: timesteps for K={k} must be {k} strictly decreasing indices >= 0, got {steps}")
+    return steps

@@ -1,0 +1,93 @@
+"""Volume-level synthesis: a case's conditioning volumes in, the missing modality out.
+
+This ties the layers together (see the README's data flow): network-grid volumes ->
+conditioning subbands -> sampler with the model's schedule -> IDWT -> [0, 1] volume.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Sequence
+
+import torch
+
+from DWT_IDWT import clip_in_image_space, from_subbands, to_subbands
+
+from .checkpoints import LoadedModel
+from .conditioning import split_case
+from .config import SampleConfig
+from .diffusion import make_denoiser
+from .samplers import ddim_sample, ddpm_sample, respaced_steps
+from .diffusion import randn
+
+
+def case_generator(seed: int, case_id: str, device: str | torch.device = "cpu") -> torch.Generator:
+    """One generator per case, seeded from the run seed and the case id (batch-independent)."""
+    return torch.Generator(device).manual_seed((seed * 1_000_003 + zlib.crc32(case_id.encode())) % (2 ** 63))
+
+
+def learned_steps(loaded: LoadedModel, k: int) -> list[int] | None:
+    """Learned sampling timesteps stored in a checkpoint (FATS) for a budget of K, if any."""
+    table = loaded.extra.get("fats", {}).get("timesteps", {})
+    steps = table.get(str(k))
+    if steps is None:
+        return None
+    return [int(s) for s in (steps["steps"] if isinstance(steps, dict) else steps)]
+
+
+def choose_steps(loaded: LoadedModel, cfg: SampleConfig) -> tuple[list[int], str]:
+    """The step indices to sample with and a label saying where they came from.
+
+    ``cfg.steps == 0``: the checkpoint's default budget (learned FATS steps when stored, else
+    every step of the schedule). ``cfg.steps = K``: learned steps for K if stored, else K steps
+    evenly spaced over the schedule.
+    """
+    total = loaded.schedule.num_steps
+    k = cfg.steps
+    if k == 0:
+        default_k = loaded.extra.get("fats", {}).get("default_k")
+        if default_k is not None and learned_steps(loaded, int(default_k)):
+            return learned_steps(loaded, int(default_k)), f"learned (K={default_k})"
+        return list(range(total - 1, -1, -1)), f"all {total} steps"
+    if k > total:
+        raise ValueError(f"--steps {k} exceeds the schedule's {total} steps")
+    stored = learned_steps(loaded, k)
+    if stored is not None:
+        return stored, f"learned (K={k})"
+    return respaced_steps(total, k), f"uniform (K={k})"
+
+
+@torch.no_grad()
+def synthesize(loaded: LoadedModel, volumes: torch.Tensor, target: str, cfg: SampleConfig,
+               case_ids: Sequence[str], steps: Sequence[int] | None = None,
+               callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+    """Synthesise ``target`` for a batch of cases.
+
+    Args:
+        volumes: (B, 4, X, Y, Z) network-grid volumes in MODALITIES order (the target channel is
+            ignored and may be zero).
+        case_ids: B ids; each case's noise comes from its own generator (seed, case id).
+    Returns:
+        (B, X, Y, Z) float32 synthesis in [0, 1] on the network grid, on the CPU.
+    """
+    device = next(loaded.model.parameters()).device
+    if steps is None:
+        steps, _ = choose_steps(loaded, cfg)
+    _, cond_volumes = split_case(volumes.to(device), target)
+    cond = to_subbands(cond_volumes.float())  # computed once, outside the sampling loop
+    denoiser = make_denoiser(loaded.model, loaded.schedule, cond)
+    if cfg.precision == "bf16":
+        inner = denoiser
+
+        def denoiser(x_t, t):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return inner(x_t, t).float()
+
+    generators = [case_generator(cfg.seed, cid) for cid in case_ids]
+    shape = (volumes.shape[0], loaded.schedule.n_bands, *cond.shape[2:])
+    x_T = randn(shape, generators, device)
+    clip = clip_in_image_space if cfg.clip_denoised else None
+    if cfg.sampler == "ddpm":
+        x0 = ddpm_sample(denoiser, loaded.schedule, x_T, steps, generators, clip, callback=callback)
+    else:
+        x0 = ddim_sample(denoiser, loaded.schedule, x_T, steps, cfg.eta, generators, clip, callback)
+    return from_subbands(x0).clamp(0.0, 1.0)[:, 0].float().cpu()

@@ -1,0 +1,317 @@
+"""The training loop: AdamW, EMA, bf16 autocast, DDP (torchrun), checkpoints, TensorBoard.
+
+Randomness is a pure function of (seed, step, rank): the batch order, the timesteps and the
+noise of step s are drawn from generators seeded with those, so a run resumed from the
+checkpoint of step s continues exactly as the uninterrupted run would (on the CPU).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from DWT_IDWT import from_subbands, to_subbands
+
+from .checkpoints import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from .conditioning import split_case
+from .config import DiffusionConfig, ModelConfig, TrainConfig, build_model, build_schedule
+from .diffusion import training_losses
+from .schedules import NoiseSchedule
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest.pt"
+BEST = "best.pt"
+LAST_GOOD = "last_good.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; the last good state was saved."""
+
+
+def _seed_for(*parts: int) -> int:
+    """A 63-bit seed mixing integers (stable across runs and machines)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (p + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Batches of dataset indices for steps [start_step, max_steps): a fresh seeded permutation
+    per epoch, each rank taking its slice of the global batch. Deterministic given the step."""
+
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, start_step: int, max_steps: int):
+        self.n, self.batch, self.world, self.rank = n, batch_size, world, rank
+        self.seed, self.start, self.stop = seed, start_step, max_steps
+
+    def indices_for_step(self, step: int) -> list[int]:
+        per_step = self.batch * self.world
+        out = []
+        for j in range(self.batch):
+            pos = step * per_step + self.rank * self.batch + j
+            epoch, k = divmod(pos, self.n)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(_seed_for(self.seed, epoch)))
+            out.append(int(perm[k]))
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            yield self.indices_for_step(step)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+@dataclass
+class DistInfo:
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(prefer_cuda: bool = True) -> DistInfo:
+    """Initialise torch.distributed when launched by torchrun (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = prefer_cuda and torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return DistInfo(world, rank, local_rank, device)
+
+
+def _collate(items: list[dict]) -> dict:
+    out = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        out[key] = torch.stack(values) if torch.is_tensor(values[0]) else values
+    return out
+
+
+def subband_mask(brain_mask: torch.Tensor) -> torch.Tensor:
+    """(B, D, H, W) voxel mask -> (B, 1, D/2, H/2, W/2) float mask on the subband grid."""
+    return torch.nn.functional.max_pool3d(brain_mask[:, None].float(), 2)
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    per_band: list[float]
+    lr: float
+    steps_per_s: float
+    val_loss: float | None = None
+
+
+class Trainer:
+    """Trains one target modality. ``run(callback)`` calls ``callback(StepResult)`` every log step."""
+
+    def __init__(self, model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, train_cfg: TrainConfig,
+                 train_set: Dataset, val_set: Dataset | None = None, dist_info: DistInfo | None = None,
+                 schedule: NoiseSchedule | None = None, extra: dict | None = None):
+        self.model_cfg, self.diffusion_cfg, self.cfg = model_cfg, diffusion_cfg, train_cfg
+        self.dist = dist_info or DistInfo()
+        self.device = self.dist.device
+        self.train_set, self.val_set = train_set, val_set
+        self.extra = dict(extra or {})
+        torch.manual_seed(_seed_for(train_cfg.seed, 0))  # identical initial weights on every rank
+        self.model = build_model(model_cfg).to(self.device)
+        self.target_schedule = schedule or build_schedule(diffusion_cfg)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.step = 0
+        self.best_val = math.inf
+        self.run_dir = Path(train_cfg.run_dir)
+        if train_cfg.init_from:
+            self._init_weights(train_cfg.init_from)
+        self.ddp_model = self.model
+        if self.dist.world > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self._writer = None
+
+    # ------------------------------------------------------------------ state
+    def _init_weights(self, path: str) -> None:
+        loaded = load_model(path, expected_model_config=self.model_cfg)
+        self.model.load_state_dict(loaded.model.state_dict())
+        self.ema.load_state_dict(loaded.model.state_dict())
+        self.extra["init_from"] = {"path": path, "step": loaded.step}
+
+    def checkpoint_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "step": self.step, "best_val": self.best_val,
+            "config": {"model": self.model_cfg.to_dict(), "diffusion": self.diffusion_cfg.to_dict(),
+                       "train": self.cfg.to_dict()},
+            "schedule": self.target_schedule.state_dict(), "extra": self.extra,
+        }
+
+    def save(self, name: str = LATEST) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        return save_checkpoint(self.run_dir / name, self.checkpoint_dict())
+
+    def resume(self, path: str | Path) -> None:
+        """Restore model, EMA, optimizer, step and best validation loss from a checkpoint."""
+        data = read_checkpoint(path, map_location=self.device)
+        try:
+            saved = ModelConfig.from_dict(data["config"]["model"])
+        except KeyError:
+            raise CheckpointError(f"{path}: not a Fast-cWDM training checkpoint (no config)") from None
+        if saved != self.model_cfg:
+            from .checkpoints import describe_config_difference
+            diff = describe_config_difference(self.model_cfg.to_dict(), saved.to_dict())
+            raise CheckpointError(f"{path}: model config differs from this run: " + "; ".join(diff))
+        self.model.load_state_dict(data["model"])
+        self.ema.load_state_dict(data["ema"])
+        if data.get("optimizer"):
+            self.optimizer.load_state_dict(data["optimizer"])
+        self.step = int(data["step"])
+        self.best_val = float(data.get("best_val", math.inf))
+        self.extra.update(data.get("extra", {}))
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ pieces
+    def _schedule_at(self, step: int) -> NoiseSchedule:
+        """The training schedule; FATS shifts ramped in from zero when fine-tuning."""
+        ramp = self.cfg.shift_ramp_steps
+        if not ramp or self.diffusion_cfg.kind != "fats" or step >= ramp:
+            return self.target_schedule
+        from .fats import ramped_shifts
+
+        shifts = ramped_shifts(torch.tensor(self.diffusion_cfg.band_shifts), step, ramp)
+        return build_schedule(replace(self.diffusion_cfg, band_shifts=tuple(float(s) for s in shifts)))
+
+    def _batch_to_subbands(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        volumes = batch["volumes"].to(self.device, non_blocking=True)
+        target, cond = split_case(volumes, self.cfg.target_modality)
+        return to_subbands(target), to_subbands(cond)
+
+    def _autocast(self):
+        enabled = self.cfg.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _update_ema(self) -> None:
+        rate = self.cfg.ema_rate
+        with torch.no_grad():
+            for ema_p, p in zip(self.ema.parameters(), self.model.parameters()):
+                ema_p.lerp_(p, 1.0 - rate)
+
+    def train_step(self, batch: dict) -> dict:
+        x0, cond = self._batch_to_subbands(batch)
+        schedule = self._schedule_at(self.step)
+        gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, self.step, self.dist.rank, 1))
+        t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen).to(self.device)
+        weights = torch.tensor(self.cfg.band_weights) if self.cfg.band_weights else None
+        self.model.train()
+        with self._autocast():
+            out = training_losses(self.ddp_model, schedule, x0, cond, t.to(self.device), noise, band_weights=weights)
+        loss = out["loss"].mean()
+        if not torch.isfinite(loss):
+            path = self.save(LAST_GOOD)
+            raise TrainingDiverged(f"loss became {loss.item()} at step {self.step}; last good state saved to {path}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self._update_ema()
+        self.step += 1
+        return {"loss": loss.detach(), "per_band": out["per_band"].detach().mean(0), "x0": x0, "pred_x0": out["pred_x0"]}
+
+    @torch.no_grad()
+    def validation_loss(self, n_timesteps: int = 4) -> float:
+        """EMA model's x0 loss on the validation cases at fixed timesteps and noise."""
+        assert self.val_set is not None
+        self.ema.eval()
+        losses = []
+        schedule = self.target_schedule
+        ts = torch.linspace(0, schedule.num_steps - 1, n_timesteps).round().long()
+        for i in range(len(self.val_set)):
+            x0, cond = self._batch_to_subbands(_collate([self.val_set[i]]))
+            gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, i, 2))
+            for t in ts:
+                noise = torch.randn(x0.shape, generator=gen).to(self.device)
+                with self._autocast():
+                    out = training_losses(self.ema, schedule, x0, cond, t.view(1).to(self.device), noise)
+                losses.append(out["loss"].float().mean().item())
+        return sum(losses) / len(losses)
+
+    def _tb(self):
+        if self._writer is None and self.dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        return self._writer
+
+    def _log_images(self, x0: torch.Tensor, pred_x0: torch.Tensor) -> None:
+        with torch.no_grad():
+            target = from_subbands(x0[:1].float())[0, 0]
+            pred = from_subbands(pred_x0[:1].float().detach())[0, 0].clamp(0, 1)
+        z = target.shape[-1] // 2
+        self._tb().add_image("slices/target_vs_prediction", torch.cat([target[..., z], pred[..., z]], dim=1)[None],
+                             self.step)
+
+    # ------------------------------------------------------------------ loop
+    def run(self, callback: Callable[[StepResult], None] | None = None) -> dict:
+        """Train until ``max_steps``; returns a summary dict. Checkpoints land in run_dir."""
+        cfg = self.cfg
+        sampler = StepBatchSampler(len(self.train_set), cfg.batch_size, self.dist.world, self.dist.rank, cfg.seed,
+                                   self.step, cfg.max_steps)
+        loader = DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=_collate,
+                            persistent_workers=False)
+        last_time, last_step = time.perf_counter(), self.step
+        history = []
+        for batch in loader:
+            out = self.train_step(batch)
+            log_now = self.step % cfg.log_interval == 0 or self.step == cfg.max_steps
+            val_loss = None
+            if self.val_set is not None and cfg.val_interval and (self.step % cfg.val_interval == 0
+                                                                   or self.step == cfg.max_steps):
+                val_loss = self.validation_loss()
+                if val_loss < self.best_val:
+                    self.best_val = val_loss
+                    self.save(BEST)
+            if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps:
+                self.save(LATEST)
+            if log_now:
+                now = time.perf_counter()
+                result = StepResult(self.step, out["loss"].item(), out["per_band"].tolist(),
+                                    self.optimizer.param_groups[0]["lr"],
+                                    (self.step - last_step) / max(now - last_time, 1e-9), val_loss)
+                last_time, last_step = now, self.step
+                history.append(result.loss)
+                if self.dist.is_main:
+                    writer = self._tb()
+                    writer.add_scalar("loss/total", result.loss, self.step)
+                    for name, value in zip(("LLL", "LLH", "LHL", "LHH", "HLL", "HLH", "HHL", "HHH"), result.per_band):
+                        writer.add_scalar(f"loss/band_{name}", value, self.step)
+                    writer.add_scalar("lr", result.lr, self.step)
+                    writer.add_scalar("steps_per_s", result.steps_per_s, self.step)
+                    if val_loss is not None:
+                        writer.add_scalar("loss/validation", val_loss, self.step)
+                if callback is not None:
+                    callback(result)
+            if self.dist.is_main and cfg.image_interval and self.step % cfg.image_interval == 0:
+                self._log_images(out["x0"], out["pred_x0"])
+        if self._writer is not None:
+            self._writer.flush()
+        return {"step": self.step, "best_val": self.best_val, "run_dir": str(self.run_dir)}

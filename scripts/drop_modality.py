@@ -1,0 +1,56 @@
+r"""Build a pseudo-validation set: copy BraTS cases, dropping one modality per case.
+
+Example (from the repo root):
+    python scripts/drop_modality.py --input data/BraTS/validation \
+        --output data/BraTS/pseudo_validation --seed 0
+
+The dropped modality (seeded per case id) is recorded in
+``<output>/missing_modalities.json`` as ``{case_id: modality}``. Files are copied
+byte for byte; the input is only read. Incomplete or unreadable input cases are
+skipped and listed at the end (exit code 1).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cli_common as cli  # noqa: E402
+
+from guided_diffusion.demo_data import drop_modalities  # noqa: E402
+
+logger = logging.getLogger("drop_modality")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--input", required=True, help="BraTS-layout folder of complete cases (only read)")
+    add("--output", required=True, help="folder to create with the reduced cases")
+    add("--seed", type=int, default=0, help="random seed of the dropped modalities (default 0)")
+    add("--keep_seg", action="store_true", help="also copy the segmentations (BraSyn "
+        "validation has none; default off)")
+    add("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    add("--verbose", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cli.setup_logging(args.verbose)
+    missing, errors = drop_modalities(
+        args.input, args.output, seed=args.seed, keep_seg=args.keep_seg,
+        overwrite=args.overwrite,
+    )
+    logger.info("wrote %d cases to %s, dropped: %s", len(missing), args.output,
+                dict(sorted(Counter(missing.values()).items())))
+    return cli.report_failures(errors, "input cases")
+
+
+if __name__ == "__main__":
+    cli.main_guard(main)

@@ -1,0 +1,135 @@
+"""Train a Fast-cWDM model for one target modality (or each modality in turn).
+
+Single process:   python scripts/train.py --preset demo --data_dir data/demo/training --contr t2f
+Several GPUs:     torchrun --nproc_per_node 4 scripts/train.py --preset unet --data_dir /data/BraTS/train
+Resume:           add --resume auto (latest.pt of the run folder) or --resume path/to/latest.pt
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cli_common as cli  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from guided_diffusion.bratsloader import BratsDataset  # noqa: E402
+from guided_diffusion.conditioning import MODALITIES  # noqa: E402
+from guided_diffusion.config import save_json  # noqa: E402
+from guided_diffusion.presets import get_preset  # noqa: E402
+from guided_diffusion.runinfo import run_info  # noqa: E402
+from guided_diffusion.train_util import LATEST, Trainer, TrainingDiverged, setup_distributed  # noqa: E402
+
+logger = logging.getLogger("train")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_preset_argument(p)
+    p.add_argument("--data_dir", required=True, help="BraTS-layout folder of training cases (all four modalities)")
+    p.add_argument("--val_dir", default=None, help="folder of validation cases with all four modalities "
+                                                   "(default: hold out --val_cases cases of --data_dir)")
+    p.add_argument("--run_dir", default="runs/train", help="output folder; one sub-folder per target modality")
+    p.add_argument("--contr", default="t2f", choices=[*MODALITIES, "all"],
+                   help="target modality to synthesise, or 'all' for one model per modality in turn")
+    p.add_argument("--max_steps", type=int, default=None, help="total training steps (preset default otherwise)")
+    p.add_argument("--save_interval", type=int, default=None, help="steps between checkpoints (latest.pt)")
+    p.add_argument("--val_interval", type=int, default=None, help="steps between validations (best.pt); 0 = never")
+    p.add_argument("--val_cases", type=int, default=None, help="cases held out for validation when no --val_dir")
+    p.add_argument("--log_interval", type=int, default=None, help="steps between log lines / TensorBoard scalars")
+    p.add_argument("--batch_size", type=int, default=None, help="batch size per process")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="bf16 = autocast to bfloat16")
+    p.add_argument("--use_checkpoint", action="store_true", help="activation checkpointing (less memory, slower)")
+    p.add_argument("--num_workers", type=int, default=None, help="data-loading worker processes")
+    p.add_argument("--seed", type=int, default=None, help="random seed (weights, data order, noise)")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' for <run_dir>/<contr>/latest.pt")
+    p.add_argument("--init_from", default=None, help="initial weights (e.g. a cWDM checkpoint); not a resume")
+    p.add_argument("--skip_data_check", action="store_true",
+                   help="do not read every voxel before training (faster start on large datasets)")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is visible")
+    return p.parse_args(argv)
+
+
+def train_one(args, preset, target: str, train_cases, val_cases, geometry, dist) -> Path:
+    train_cfg = cli.override(
+        preset.train, data_dir=str(args.data_dir), run_dir=str(Path(args.run_dir) / target), target_modality=target,
+        max_steps=args.max_steps, save_interval=args.save_interval, val_interval=args.val_interval,
+        log_interval=args.log_interval, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
+        num_workers=args.num_workers, seed=args.seed, init_from=args.init_from, val_dir=args.val_dir,
+        val_cases=args.val_cases)
+    model_cfg = cli.override(preset.model, use_checkpoint=True if args.use_checkpoint else None)
+    geometry.check_divisible(model_cfg.spatial_divisor.bit_length())  # DWT (x2) + UNet downsamplings
+    train_set = BratsDataset(train_cases, geometry)
+    val_set = BratsDataset(val_cases, geometry) if val_cases else None
+    diffusion_cfg, schedule, extra = preset.diffusion, None, {}
+    if diffusion_cfg.kind == "fats":
+        from guided_diffusion.fats_training import prepare_fats_schedule
+
+        diffusion_cfg, schedule, extra = prepare_fats_schedule(diffusion_cfg, train_set, target, train_cfg.seed)
+    extra = {**extra, "sample": preset.sample.to_dict()}
+    trainer = Trainer(model_cfg, diffusion_cfg, train_cfg, train_set, val_set, dist, schedule=schedule, extra=extra)
+    run_dir = Path(train_cfg.run_dir)
+    resume = args.resume
+    if resume == "auto":
+        resume = run_dir / LATEST if (run_dir / LATEST).is_file() else None
+    if resume:
+        trainer.resume(resume)
+    if dist.is_main:
+        save_json({"model": model_cfg.to_dict(), "diffusion": diffusion_cfg.to_dict(), "train": train_cfg.to_dict(),
+                   "geometry": {"original_shape": geometry.original_shape, "network_shape": geometry.network_shape},
+                   "train_cases": [c.case_id for c in train_cases], "val_cases": [c.case_id for c in val_cases],
+                   "run": run_info()}, run_dir / "run_config.json")
+    bar = tqdm(total=train_cfg.max_steps, initial=trainer.step, desc=f"train {target}", disable=not dist.is_main,
+               dynamic_ncols=True)
+
+    def on_log(result):
+        bar.update(result.step - bar.n)
+        post = {"loss": f"{result.loss:.4g}", "it/s": f"{result.steps_per_s:.2f}"}
+        if result.val_loss is not None:
+            post["val"] = f"{result.val_loss:.4g}"
+        bar.set_postfix(post)
+
+    summary = trainer.run(on_log)
+    bar.close()
+    if dist.is_main:
+        logger.info("%s: trained to step %d, best validation loss %.5g; checkpoints in %s", target, summary["step"],
+                    summary["best_val"], run_dir)
+    return run_dir
+
+
+def main(argv=None) -> int:
+    cli.setup_logging()
+    args = parse_args(argv)
+    preset = get_preset(args.preset)
+    dist = setup_distributed(prefer_cuda=not args.cpu)
+    cases, failures, geometry = cli.find_cases(args.data_dir, "train", check_data=not args.skip_data_check)
+    if args.val_dir:
+        val_cases, val_failures, _ = cli.find_cases(args.val_dir, "train", check_data=not args.skip_data_check)
+        failures += val_failures
+        train_cases = cases
+    else:
+        n_val = preset.train.val_cases if args.val_cases is None else args.val_cases
+        if n_val >= len(cases):
+            n_val = 0
+            logger.warning("only %d cases: training without validation", len(cases))
+        train_cases, val_cases = cases[: len(cases) - n_val], cases[len(cases) - n_val:]
+    logger.info("%d training cases, %d validation cases, network grid %s (preset %s)", len(train_cases),
+                len(val_cases), geometry.network_shape, args.preset)
+    targets = list(MODALITIES) if args.contr == "all" else [args.contr]
+    for target in targets:
+        try:
+            train_one(args, preset, target, train_cases, val_cases, geometry, dist)
+        except TrainingDiverged as err:
+            failures.append(f"{target}: {err}")
+            logger.error("%s: %s", target, err)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return cli.report_failures(failures, "cases or models")
+
+
+if __name__ == "__main__":
+    cli.main_guard(main)

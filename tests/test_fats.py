@@ -1,0 +1,266 @@
+"""FATS: energy statistics, per-band schedules, learned timesteps, shift searches, checkpoint state."""
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from DWT_IDWT import BAND_NAMES, clip_in_image_space, from_subbands, to_subbands
+from guided_diffusion.config import ConfigError, DiffusionConfig, build_model, build_schedule
+from guided_diffusion.diffusion import append_dims, make_denoiser
+from guided_diffusion.fats import (BAND_GROUPS, band_energy_stats, fats_schedule, fats_state_dict, learn_timesteps,
+                                   load_fats_state, per_band_schedule, ramped_shifts, refine_group_shifts,
+                                   search_kappa, shifts_from_energy, subband_mask)
+from guided_diffusion.fats_search import masked_mse, power_steps
+from guided_diffusion.samplers import ddim_sample, respaced_steps
+from guided_diffusion.schedules import cosine, linear
+
+
+# --------------------------------------------------------------------------- energy statistics
+
+
+def test_band_energy_stats_measure_known_energies_inside_the_brain_only():
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.tensor([2.0, 1.0, 0.5, 0.25, 0.1, 0.05, 0.02, 0.01])
+    bands = torch.randn(2, 8, 4, 4, 4, generator=gen, dtype=torch.float64) * scales.view(1, 8, 1, 1, 1)
+    volumes = from_subbands(bands)  # volumes whose normalised subbands are exactly `bands`
+    brain = torch.zeros(2, 8, 8, 8, dtype=torch.bool)
+    brain[0, 0:3, :, 2:8] = True  # voxel rows 0..2 touch subband rows 0 and 1 (max-pooling)
+    brain[1, 5, 5, 5] = True  # a single voxel: one subband coefficient
+    expected_mask = torch.zeros(2, 1, 4, 4, 4, dtype=torch.bool)
+    expected_mask[0, 0, 0:2, :, 1:4] = True
+    expected_mask[1, 0, 2, 2, 2] = True
+    assert torch.equal(subband_mask(brain), expected_mask)
+    outside = ~expected_mask
+    for dim in (2, 3, 4):
+        outside = outside.repeat_interleave(2, dim=dim)
+    volumes[outside] = 1e3  # voxels whose subband coefficients are all outside the brain: must not count
+
+    truth = to_subbands(volumes)
+    torch.testing.assert_close(truth[expected_mask.expand_as(truth)], bands[expected_mask.expand_as(truth)])
+    inside = bands.permute(1, 0, 2, 3, 4)[:, expected_mask[:, 0]]  # (8, n_brain)
+    stats = band_energy_stats(iter(to_subbands(volumes)), iter(brain))
+    assert stats["count"] == inside.shape[1] == 2 * 4 * 3 + 1 and stats["n_volumes"] == 2
+    for b, name in enumerate(BAND_NAMES):
+        assert stats["energy"][name] == pytest.approx(float((inside[b] ** 2).mean()), rel=1e-9)
+        assert stats["mean"][name] == pytest.approx(float(inside[b].mean()), rel=1e-9)
+    assert stats["energy"]["LLL"] > 10 * stats["energy"]["HHH"]
+    json.dumps(stats)  # JSON-serialisable
+
+
+def test_band_energy_stats_of_a_constant_block_follow_the_lll_scale():
+    volume = torch.zeros(1, 1, 8, 8, 8)
+    volume[..., :4, :4, :4] = 1.0  # aligned 2x2x2 blocks of ones: only LLL, 2 sqrt(2) / 3 each
+    stats = band_energy_stats([to_subbands(volume)], [volume[0, 0] > 0])
+    assert stats["energy"]["LLL"] == pytest.approx(8.0 / 9.0, rel=1e-6)
+    assert all(stats["energy"][b] == pytest.approx(0.0, abs=1e-12) for b in BAND_NAMES[1:])
+    with pytest.raises(ValueError, match="no brain"):
+        band_energy_stats([to_subbands(volume)], [torch.zeros(8, 8, 8)])
+
+
+def _stats(energies):
+    return {"energy": dict(zip(BAND_NAMES, energies))}
+
+
+def test_shifts_from_energy_equalise_effective_snr():
+    energies = [1.0, 0.1, 0.1, 0.01, 0.1, 0.01, 0.01, 0.001]
+    shifts = shifts_from_energy(_stats(energies), reference="LLL", max_shift=10.0)
+    assert shifts == pytest.approx([math.log(1 / e) for e in energies])
+    # Equal effective log-SNR: log E_b + delta_b is the same for every band.
+    assert [math.log(e) + d for e, d in zip(energies, shifts)] == pytest.approx([0.0] * 8, abs=1e-12)
+    assert shifts_from_energy(_stats(energies), reference="LLL")[-1] == 4.0  # capped at max_shift
+    assert sum(shifts_from_energy(_stats(energies), reference="geomean", max_shift=10)) == pytest.approx(0, abs=1e-12)
+    assert shifts_from_energy(_stats(energies), kappa=0.0) == (0.0,) * 8
+    grouped = shifts_from_energy(_stats(energies), groups=BAND_GROUPS, reference="LLL", max_shift=10)
+    assert grouped[1] == grouped[2] == grouped[4] == pytest.approx(math.log(10))
+    assert grouped[3] == grouped[5] == grouped[6] == pytest.approx(math.log(100))
+    with pytest.raises(ValueError, match="reference"):
+        shifts_from_energy(_stats(energies), reference="median")
+
+
+# --------------------------------------------------------------------------- per-band schedules
+
+
+@pytest.mark.parametrize("base_kind,steps", [("linear", 1000), ("linear", 10), ("cosine", 100)])
+def test_zero_shifts_reduce_exactly_to_the_base_schedule(base_kind, steps):
+    base = linear(steps, n_bands=8) if base_kind == "linear" else cosine(steps, n_bands=8)
+    for shifts in ((), (0.0,) * 8):
+        sched = build_schedule(DiffusionConfig(kind="fats", steps=steps, fats_base=base_kind, band_shifts=shifts))
+        assert torch.equal(sched.alpha_bar, base.alpha_bar)
+        assert torch.equal(sched.model_times, base.model_times)
+    # a zero-shift band keeps the base row bit for bit even when other bands are shifted
+    mixed = fats_schedule(DiffusionConfig(kind="fats", steps=steps, fats_base=base_kind,
+                                          band_shifts=(0.0, 1.0, -1.0, 2.0, 0.0, 3.0, -2.0, 4.0)))
+    assert torch.equal(mixed.alpha_bar[[0, 4]], base.alpha_bar[[0, 4]])
+    assert not torch.equal(mixed.alpha_bar[1], base.alpha_bar[1])
+
+
+@pytest.mark.parametrize("steps", [1000, 100, 10])
+def test_shifted_bands_keep_the_endpoints_and_move_snr_the_right_way(steps):
+    base = linear(steps, n_bands=1)
+    shifts = (-4.0, -2.0, -0.5, 0.5, 1.0, 2.0, 3.0, 4.0)
+    sched = fats_schedule(DiffusionConfig(kind="fats", steps=steps, band_shifts=shifts))
+    # terminal SNR near zero and t = 0 near clean, for every band
+    assert bool((sched.alpha_bar[:, -1] < 1e-3).all())
+    torch.testing.assert_close(sched.alpha_bar[:, -1], base.alpha_bar[0, -1].expand(8), rtol=1e-12, atol=0)
+    torch.testing.assert_close(sched.alpha_bar[:, 0], base.alpha_bar[0, 0].expand(8), rtol=1e-12, atol=0)
+    # in the middle the log-SNR moves by about delta, in its direction
+    mid = steps // 2
+    moved = sched.log_snr[:, mid] - base.log_snr[0, mid]
+    for d, m in zip(shifts, moved.tolist()):
+        assert math.copysign(1, m) == math.copysign(1, d)
+        assert 0.6 * abs(d) < abs(m) <= 1.05 * abs(d), (d, m)
+    # larger shift -> higher SNR at every inner step
+    assert bool((sched.log_snr[1:, 1:-1] > sched.log_snr[:-1, 1:-1]).all())
+
+
+def test_shifts_are_capped_at_max_shift():
+    base = linear(100, n_bands=1)
+    capped = per_band_schedule(base, [10.0, -10.0], max_shift=4.0)
+    torch.testing.assert_close(capped.alpha_bar, per_band_schedule(base, [4.0, -4.0]).alpha_bar, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="max_shift"):
+        DiffusionConfig(kind="fats", band_shifts=(5.0,) * 8)
+    with pytest.raises(ConfigError, match="fats_base"):
+        DiffusionConfig(kind="fats", fats_base="sigmoid")
+    cfg = DiffusionConfig(kind="fats", fats_base="cosine", band_shifts=(1.0,) * 8)
+    assert DiffusionConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_ramped_shifts():
+    shifts = (2.0, -4.0)
+    assert ramped_shifts(shifts, 0, 100) == (0.0, -0.0)
+    assert ramped_shifts(shifts, 25, 100) == (0.5, -1.0)
+    assert ramped_shifts(shifts, 500, 100) == shifts
+    assert ramped_shifts(shifts, 0, 0) == shifts
+
+
+# --------------------------------------------------------------------------- learned timesteps
+
+# Toy with a known answer: x0 ~ N(0, diag(v_b)) per band, so the optimal denoiser E[x0 | x_t] and
+# the exact probability-flow (deterministic DDIM, infinitely many steps) map from x_T are closed
+# form. The K-step sampler's error to that map depends on where the steps are; evenly spaced steps
+# are far from the best.
+VAR = torch.tensor([1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 1e-4], dtype=torch.float64)
+
+
+def _gaussian_denoiser(schedule):
+    v = VAR.view(1, -1, 1, 1, 1)
+
+    def denoiser(x_t, t):
+        ab = append_dims(schedule.alpha_bar_at(t), x_t)
+        return ab.sqrt() * v / (ab * v + 1 - ab) * x_t
+
+    return denoiser
+
+
+def _ode_cases(schedule, n=2):
+    ab_T = schedule.alpha_bar[:, -1].view(1, -1, 1, 1, 1)
+    v = VAR.view(1, -1, 1, 1, 1)
+    cases = []
+    for i in range(n):
+        x_T = torch.randn(4, 8, 3, 3, 3, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+        cases.append({"x_T": x_T, "x0": v.sqrt() / (ab_T * v + 1 - ab_T).sqrt() * x_T})
+    return cases
+
+
+def _error(denoiser, schedule, cases, steps):
+    return sum(masked_mse(ddim_sample(denoiser, schedule, c["x_T"], steps), c["x0"], c) for c in cases) / len(cases)
+
+
+def test_learned_timesteps_find_the_brute_force_optimum_of_a_toy():
+    T, K = 40, 3
+    schedule = fats_schedule(DiffusionConfig(kind="fats", steps=T, band_shifts=(-1, 1, 1, 2, 1, 2, 2, 3)))
+    denoiser = _gaussian_denoiser(schedule)
+    cases = _ode_cases(schedule)
+    result = learn_timesteps(lambda case: denoiser, schedule, cases, K)
+    steps = result["steps"]
+    assert len(steps) == K and steps[0] == T - 1 and steps[-1] >= 0
+    assert all(a > b for a, b in zip(steps, steps[1:]))
+    # the reported error is the real sampler's error with those steps (prefix caching is exact)
+    assert result["error"] == pytest.approx(_error(denoiser, schedule, cases, steps), rel=1e-9)
+    assert result["uniform_steps"] == respaced_steps(T, K)
+    assert result["uniform_error"] == pytest.approx(_error(denoiser, schedule, cases, respaced_steps(T, K)), rel=1e-9)
+    brute = min(_error(denoiser, schedule, cases, [T - 1, a, b])
+                for a, b in itertools.combinations(range(T - 2, -1, -1), 2))
+    assert result["error"] <= brute * (1 + 1e-9)
+    assert result["error"] < 0.5 * result["uniform_error"]
+
+
+def test_learned_timesteps_on_the_shared_1000_step_schedule_with_a_teacher():
+    schedule = linear(1000)
+    denoiser = _gaussian_denoiser(schedule)
+    cases = [{"x0": torch.zeros(2, 8, 3, 3, 3, dtype=torch.float64)}]  # only its shape is used with a teacher
+    teacher = respaced_steps(1000, 100)
+    seen = []
+    result = learn_timesteps(lambda case: denoiser, schedule, cases, 4, reference="teacher", teacher_steps=teacher,
+                             callback=seen.append, seed=3)
+    steps = result["steps"]
+    assert len(steps) == 4 and steps[0] == 999 and steps[-1] >= 0
+    assert all(a > b for a, b in zip(steps, steps[1:]))
+    assert result["error"] < 0.5 * result["uniform_error"] and seen
+    x_T = torch.randn(2, 8, 3, 3, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref = ddim_sample(denoiser, schedule, x_T, teacher)
+    assert result["error"] == pytest.approx(float(((ddim_sample(denoiser, schedule, x_T, steps) - ref) ** 2).mean()),
+                                            rel=1e-9)
+    assert learn_timesteps(lambda case: denoiser, schedule, cases, 1)["steps"] == [999]
+
+
+def test_learned_timesteps_with_a_network_clip_and_mask(tiny_model_config):
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    schedule = fats_schedule(DiffusionConfig(kind="fats", steps=20, band_shifts=(0.0, 1.0, 1.0, 2.0, 1.0, 2.0, 2.0, 3.0)))
+    cases = [{"x0": to_subbands(torch.rand(1, 1, 8, 8, 8)), "cond": torch.rand(1, 24, 4, 4, 4),
+              "mask": subband_mask(torch.rand(1, 8, 8, 8) > 0.5)}]
+    result = learn_timesteps(lambda case: make_denoiser(model, schedule, case["cond"]), schedule, cases, 3,
+                             clip=clip_in_image_space, grid=6, max_sweeps=1)
+    assert result["steps"][0] == 19 and result["error"] <= result["uniform_error"]
+    with torch.no_grad():
+        out = ddim_sample(make_denoiser(model, schedule, cases[0]["cond"]), schedule,
+                          torch.randn(1, 8, 4, 4, 4, generator=torch.Generator().manual_seed(0)), result["steps"],
+                          clip=clip_in_image_space)
+    assert result["error"] == pytest.approx(masked_mse(out, cases[0]["x0"], cases[0]), rel=1e-5)
+
+
+def test_power_steps_are_strictly_decreasing_from_the_last_step():
+    for T, K, rho in [(1000, 10, 3.0), (12, 10, 3.0), (10, 10, 0.5), (5, 1, 2.0)]:
+        steps = power_steps(T, K, rho)
+        assert len(steps) == K and steps[0] == T - 1 and steps[-1] >= 0
+        assert all(a > b for a, b in zip(steps, steps[1:]))
+    assert power_steps(1000, 10, 1.0) == respaced_steps(1000, 10)
+
+
+# --------------------------------------------------------------------------- shift refinement
+
+
+def test_search_kappa_and_group_shift_refinement():
+    result = search_kappa(lambda k: (k - 0.6) ** 2 if k != 0.25 else float("nan"))
+    assert result["best_kappa"] == 0.5 and dict(map(tuple, result["errors"]))[0.25] == math.inf
+    start = (0.0,) * 8
+    # optimum: group offsets +1, -0.5, +0.25, 0 from the start
+    target = [1.0, -0.5, -0.5, 0.25, -0.5, 0.25, 0.25, 0.0]
+    refined = refine_group_shifts(lambda s: sum((a - b) ** 2 for a, b in zip(s, target)), start, max_evals=60)
+    assert refined["shifts"] == pytest.approx(target) and refined["error"] == pytest.approx(0.0)
+    assert refined["evals"] <= 60 and len(refined["history"]) == refined["evals"]
+
+
+# --------------------------------------------------------------------------- checkpoint state
+
+
+def test_fats_state_round_trip_keeps_shifts_and_timesteps():
+    stats = band_energy_stats([torch.randn(8, 2, 2, 2)])
+    shifts = (-1.5, 0.25, 0.25, 1.0, 0.25, 1.0, 1.0, 4.0)
+    learned = {"k": 4, "steps": [999, 400, 120, 7], "error": 0.01, "uniform_steps": [999, 666, 333, 0],
+               "uniform_error": 0.02}
+    state = fats_state_dict(energy_stats=stats, band_shifts=shifts, timesteps={4: learned, 2: (999, 300)}, kappa=0.75)
+    again = load_fats_state(json.loads(json.dumps(state)))
+    assert again["band_shifts"] == shifts and again["kappa"] == 0.75
+    assert again["timesteps"][4]["steps"] == [999, 400, 120, 7] and again["timesteps"][2]["steps"] == [999, 300]
+    assert again["timesteps"][4]["uniform_error"] == 0.02 and again["energy_stats"] == stats
+    assert load_fats_state(state)["timesteps"] == again["timesteps"]
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        fats_state_dict(timesteps={3: [999, 999, 0]})
+    with pytest.raises(ValueError, match="version"):
+        load_fats_state({**state, "version": 99})
