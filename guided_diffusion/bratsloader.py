@@ -17,10 +17,13 @@ voxels it reads. Every problem is a ``CaseError(path, problem)``.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
+import stat
 import tempfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -197,8 +200,16 @@ def _open_header(path: Path, geometry: Geometry | None) -> nib.Nifti1Image:
     """Load a NIfTI header lazily; check dimensionality and (unless None) the geometry."""
     try:
         image = nib.load(path)
+    except nib.filebasedimages.ImageFileError as exc:
+        try:  # nibabel reports an unreadable file (permissions, I/O error) as an unknown file type
+            with open(path, "rb") as fh:
+                fh.read(1)
+        except OSError as os_error:
+            raise CaseError(path, f"cannot read: {os_error.strerror or os_error}") from exc
+        raise CaseError(path, "cannot read as NIfTI: not a NIfTI image, or its header is truncated "
+                              "(nibabel cannot work out the file type)") from exc
     except _READ_ERRORS as exc:
-        raise CaseError(path, f"cannot read as NIfTI ({exc})") from exc
+        raise CaseError(path, f"cannot read as NIfTI ({_error_text(exc, path)})") from exc
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise CaseError(path, f"not a NIfTI image ({type(image).__name__})")
     if len(image.shape) != 3:
@@ -208,14 +219,28 @@ def _open_header(path: Path, geometry: Geometry | None) -> nib.Nifti1Image:
     return image
 
 
+def _error_text(exc: BaseException, path: Path) -> str:
+    """An exception's message without the full path the CaseError already names."""
+    return str(exc).replace(str(path), path.name) or type(exc).__name__
+
+
 def _read_voxels(path: Path, image: nib.Nifti1Image) -> np.ndarray:
-    """All voxels as float64 (X, Y, Z); truncated or corrupt data -> CaseError."""
+    """All voxels as float64 (X, Y, Z); truncated or corrupt data -> CaseError.
+
+    A ``.gz`` file is decompressed to its end so that its CRC is checked: nibabel alone stops
+    after the bytes it needs and would return garbage from a corrupted stream without an error.
+    """
     try:
+        if path.name.endswith(".gz"):
+            image = type(image).from_bytes(gzip.decompress(path.read_bytes()))
         data = np.asarray(image.get_fdata(dtype=np.float64))
     except _READ_ERRORS as exc:
-        raise CaseError(path, f"cannot read voxel data, file truncated or corrupt ({exc})") from exc
+        raise CaseError(path, f"cannot read voxel data, file truncated or corrupt "
+                              f"({_error_text(exc, path)})") from exc
     if not np.isfinite(data).all():
-        raise CaseError(path, f"{int((~np.isfinite(data)).sum())} voxels are NaN or Inf")
+        n_nan, n_inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
+        found = ", ".join(f"{n} {kind}" for n, kind in ((n_nan, "NaN"), (n_inf, "Inf")) if n)
+        raise CaseError(path, f"{n_nan + n_inf} voxel{'s are' if n_nan + n_inf > 1 else ' is'} NaN or Inf ({found})")
     return data
 
 
@@ -229,7 +254,7 @@ def _check_modality(path: Path, data: np.ndarray) -> None:
 def _check_seg(path: Path, data: np.ndarray) -> None:
     bad = ~np.isin(data, SEG_LABELS)
     if bad.any():
-        labels = np.unique(data[bad])[:10].tolist()
+        labels = [int(v) if float(v).is_integer() else float(v) for v in np.unique(data[bad])[:10]]
         raise CaseError(path, f"segmentation labels {labels} outside {SEG_LABELS} (BraTS 2023)")
 
 
@@ -264,10 +289,14 @@ def _scan_folder(folder: Path, mode: Mode) -> Case:
     """Match the folder's files to BraTS names; check presence for ``mode``."""
     wanted = {expected_path(folder, n).name: n for n in (*MODALITIES, SEG)}
     files = {}
-    for entry in sorted(folder.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.name not in wanted or not entry.is_file():
+    try:
+        entries = sorted(e for e in folder.iterdir() if not e.name.startswith("."))
+    except OSError as exc:
+        raise CaseError(folder, f"cannot list the case folder ({exc.strerror or exc})") from exc
+    for entry in entries:
+        if entry.name in wanted and not entry.is_file():
+            raise CaseError(entry, _not_a_file(entry))
+        if entry.name not in wanted:
             raise CaseError(
                 entry,
                 f"unexpected file; a case folder holds only "
@@ -275,14 +304,26 @@ def _scan_folder(folder: Path, mode: Mode) -> Case:
             )
         files[wanted[entry.name]] = entry
     absent = [m for m in MODALITIES if m not in files]
+    empty = "; the case folder is empty" if not entries else ""
     if mode == "train" and absent:
         raise CaseError(expected_path(folder, absent[0]),
-                        f"missing modality {', '.join(absent)} (training needs all four)")
+                        f"missing modality {', '.join(absent)} (training needs all four){empty}")
     if mode == "auto" and len(absent) != 1:
         problem = "no modality is missing" if not absent else \
             f"{len(absent)} modalities missing ({', '.join(absent)})"
-        raise CaseError(folder, f"{problem}; auto mode needs exactly one of {MODALITIES} missing")
+        raise CaseError(folder, f"{problem}; auto mode needs exactly one of {MODALITIES} missing{empty}")
     return Case(folder.name, folder, files, absent[0] if mode == "auto" else None)
+
+
+def _not_a_file(path: Path) -> str:
+    """Why an entry with a BraTS file name cannot be read as a file."""
+    if path.is_symlink() and not path.exists():
+        return f"cannot read: broken symbolic link to {os.readlink(path)} (target does not exist)"
+    mode = path.stat().st_mode
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode)
+            else "not a regular file")
+    return f"cannot read: {kind}, not a regular file"
 
 
 def check_case(
@@ -290,19 +331,28 @@ def check_case(
 ) -> None:
     """Header checks for every file of ``case`` (voxel checks too with ``check_data``).
 
-    With ``geometry=None`` the files must agree with each other but may have any shape.
+    With ``geometry=None`` the files must agree with each other but may have any shape. When
+    they do not, the file blamed is one that disagrees with the file most others agree with.
     """
-    reference = None
-    for name, path in case.files.items():
-        image = _open_header(path, geometry)
-        if reference is None:
-            reference = (path, image)
-        elif image.shape != reference[1].shape:
-            raise CaseError(path, f"shape {image.shape} differs from {reference[0].name} "
-                                  f"{reference[1].shape}")
-        elif not np.allclose(image.affine, reference[1].affine, atol=AFFINE_ATOL_MM):
-            raise CaseError(path, f"affine differs from {reference[0].name}:\n{image.affine}")
-        if check_data:
+    images = {name: _open_header(path, geometry) for name, path in case.files.items()}
+
+    def same_grid(a: nib.Nifti1Image, b: nib.Nifti1Image) -> bool:
+        return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=AFFINE_ATOL_MM)
+
+    agreeing = {n: sum(same_grid(img, other) for other in images.values()) for n, img in images.items()}
+    ref_name = max(images, key=lambda n: agreeing[n])  # first of the largest agreeing group
+    reference, ref_path = images[ref_name], case.files[ref_name]
+    for name, image in images.items():
+        path = case.files[name]
+        if image.shape != reference.shape:
+            raise CaseError(path, f"shape {image.shape} differs from {ref_path.name} {reference.shape}")
+        if not np.allclose(image.affine, reference.affine, atol=AFFINE_ATOL_MM):
+            diff = float(np.abs(image.affine - reference.affine).max())
+            raise CaseError(path, f"affine differs from {ref_path.name} by up to {diff:.3g} mm (tolerance "
+                                  f"{AFFINE_ATOL_MM} mm); the modalities are not on one grid")
+    if check_data:
+        for name, image in images.items():
+            path = case.files[name]
             data = _read_voxels(path, image)
             (_check_seg if name == SEG else _check_modality)(path, data)
 
@@ -346,6 +396,33 @@ def discover_cases(
             cases.append(case)
     logger.info("%s: %d good cases, %d bad (mode %s)", root, len(cases), len(errors), mode)
     return cases, errors
+
+
+def common_geometry(cases: list[Case]) -> tuple[Geometry | None, list[Case], list[CaseError]]:
+    """The dataset's geometry, the cases on it, and one ``CaseError`` per case that is not.
+
+    The geometry is the most common file shape among ``cases`` that is BraTS or a
+    ``Geometry.scaled`` version of it (ties: the first case in order), so one odd case cannot
+    decide it. Returns ``(None, [], errors)`` when no case has such a shape.
+    """
+    shapes = [(case, tuple(int(s) for s in nib.load(case.reference_path).shape)) for case in cases]
+    geometry = None
+    for shape, _ in Counter(shape for _, shape in shapes).most_common():
+        try:
+            geometry = Geometry.from_original_shape(shape)
+            break
+        except ValueError:
+            continue
+    good, errors = [], []
+    for case, shape in shapes:
+        if geometry is not None and shape == geometry.original_shape:
+            good.append(case)
+            continue
+        problem = (f"shape {shape} differs from the dataset's {geometry.original_shape}" if geometry else
+                   f"shape {shape} is neither BraTS {BRATS_ORIGINAL_SHAPE} nor a scaled version of it")
+        errors.append(CaseError(case.reference_path, problem))
+        logger.warning("skipping case: %s", errors[-1])
+    return geometry, good, errors
 
 
 # --------------------------------------------------------------------------- loading

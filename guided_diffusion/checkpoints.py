@@ -133,6 +133,7 @@ def infer_cwdm_model_config(state: dict[str, torch.Tensor], num_groups: int = CW
     except KeyError as err:
         raise CheckpointError(f"not a cWDM UNet state dict (missing {err})") from None
     n_out = len({k.split(".")[1] for k in state if k.startswith("output_blocks.")})
+    group_problem = ""
     for n_res in range(1, 5):
         if n_out % (n_res + 1):
             continue
@@ -142,13 +143,16 @@ def infer_cwdm_model_config(state: dict[str, torch.Tensor], num_groups: int = CW
                          for lvl in range(levels))
             cfg = ModelConfig(num_channels=ch, channel_mult=mult, num_res_blocks=n_res,
                               num_groups=num_groups, in_channels=in_ch, out_channels=out_ch)
-        except (KeyError, ValueError):
+        except KeyError:
+            continue
+        except ValueError as err:  # e.g. widths not divisible by the assumed GroupNorm group count
+            group_problem = group_problem or f"; {err} (cWDM's GroupNorm uses {num_groups} groups)"
             continue
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
         if expected == {k: tuple(v.shape) for k, v in state.items()}:
             return cfg
-    raise CheckpointError("state dict does not match any cWDM UNet layout (1-4 res blocks per level)")
+    raise CheckpointError(f"state dict does not match any cWDM UNet layout (1-4 res blocks per level){group_problem}")
 
 
 def describe_config_difference(expected: dict, found: dict) -> list[str]:
@@ -169,6 +173,7 @@ class LoadedModel:
     source: str
     step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    target_modality: str | None = None  # the modality it was trained to synthesise (None: unknown, e.g. cWDM)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
@@ -186,6 +191,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
         except CheckpointError as err:
             raise CheckpointError(f"{path}: {err}") from None
         diff_cfg, weights, step, extra, schedule = DiffusionConfig(), data, 0, {"origin": "cwdm"}, None
+        target = None
     elif data.get("format") == FORMAT:
         try:
             model_cfg = ModelConfig.from_dict(data["config"]["model"])
@@ -194,6 +200,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
             raise CheckpointError(f"{path}: invalid or missing config in checkpoint ({err})") from None
         weights = data["ema"] if use_ema and data.get("ema") else data["model"]
         step, extra = int(data.get("step", 0)), dict(data.get("extra", {}))
+        target = (data["config"].get("train") or {}).get("target_modality")
         schedule = NoiseSchedule.from_state_dict(data["schedule"]) if "schedule" in data else None
     else:
         raise CheckpointError(f"{path}: unknown checkpoint format {data.get('format')!r}")
@@ -206,7 +213,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit the model ({str(err).splitlines()[0]} ...)") from None
     model.to(device).eval()
-    return LoadedModel(model, model_cfg, diff_cfg, schedule or build_schedule(diff_cfg), str(path), step, extra)
+    return LoadedModel(model, model_cfg, diff_cfg, schedule or build_schedule(diff_cfg), str(path), step, extra,
+                       target)
 
 
 HUB_PREFIX = "hf://"

@@ -37,7 +37,7 @@ from scipy import ndimage
 from scipy.special import expit
 
 from guided_diffusion.bratsloader import (
-    SEG, CaseError, Geometry, discover_cases, expected_path, write_nifti,
+    SEG, CaseError, Geometry, common_geometry, discover_cases, expected_path, write_nifti,
 )
 from guided_diffusion.conditioning import MODALITIES
 
@@ -328,6 +328,7 @@ def drop_modalities(
     seed: int,
     keep_seg: bool = False,
     overwrite: bool = False,
+    check_data: bool = True,
 ) -> tuple[dict[str, str], list[CaseError]]:
     """Copy complete cases from ``src`` to ``dst`` without one modality each.
 
@@ -335,6 +336,8 @@ def drop_modalities(
     depend on the other cases; it is recorded in ``dst/missing_modalities.json``
     (``{case_id: modality}``). Files are copied byte for byte; ``src`` is never
     modified. Segmentations are left out unless ``keep_seg`` (BraSyn validation has none).
+    Input cases are checked as the training and sampling scripts check them (every voxel with
+    ``check_data``; shapes against the dataset's most common one), so no bad case is copied.
 
     Returns:
         ``(missing, errors)``: the mapping written to the JSON file and the bad
@@ -343,7 +346,9 @@ def drop_modalities(
     src, dst = Path(src).resolve(), Path(dst).resolve()
     if src == dst or src in dst.parents or dst in src.parents:
         raise ValueError(f"demo_data.py: input {src} and output {dst} must not contain each other")
-    cases, errors = discover_cases(src, mode="train", geometry=None)
+    cases, errors = discover_cases(src, mode="train", geometry=None, check_data=check_data)
+    _, cases, off_grid = common_geometry(cases)
+    errors += off_grid
     if not cases:
         raise CaseError(src, "no complete case to build a pseudo-validation set from")
     _check_output_dir(dst, overwrite)

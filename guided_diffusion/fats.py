@@ -54,7 +54,8 @@ def subband_mask(brain_mask: torch.Tensor) -> torch.Tensor:
     elif m.ndim == 4:
         m = m[:, None]
     if m.ndim != 5 or m.shape[1] != 1:
-        raise ValueError(f"subband_mask: expected (D, H, W), (B, D, H, W) or (B, 1, D, H, W), got {tuple(brain_mask.shape)}")
+        raise ValueError("subband_mask: expected (D, H, W), (B, D, H, W) or (B, 1, D, H, W), "
+                         f"got {tuple(brain_mask.shape)}")
     return F.max_pool3d((m != 0).float(), kernel_size=2, stride=2) > 0
 
 
@@ -209,7 +210,7 @@ def per_band_schedule(base: NoiseSchedule, shifts: Sequence[float] | torch.Tenso
         log_snr = torch.log(curve) - torch.log1p(-curve)
         root = torch.sigmoid(log_snr + delta).sqrt()
         lo, hi = curve[-1].sqrt(), curve[0].sqrt()
-        pinned = root.clone()
+        pinned = lo + (root - root[-1]) * (hi - lo) / (root[0] - root[-1])
         pinned[0], pinned[-1] = hi, lo  # exact endpoints despite rounding
         rows.append(pinned ** 2)
     alpha_bar = torch.stack(rows)
@@ -275,7 +276,8 @@ def load_fats_state(state: dict) -> dict:
     """Inverse of :func:`fats_state_dict` (also accepts its JSON-decoded form).
 
     Returns a dict with ``energy_stats``, ``band_shifts`` (tuple of floats or None), ``kappa``,
-    ``timesteps`` (int K -> dict with ``steps`` a list of ints, plus any stored errors), ``extra``.
+    ``timesteps`` (int K -> dict with ``steps`` a list of ints, plus any stored errors), ``extra``,
+    and any other top-level keys of ``state`` unchanged.
     """
     version = state.get("version")
     if version != FATS_STATE_VERSION:
@@ -286,7 +288,9 @@ def load_fats_state(state: dict) -> dict:
         entry["steps"] = _check_step_list(entry["steps"], int(k))
         timesteps[int(k)] = entry
     shifts = state.get("band_shifts")
+    known = {"version", "energy_stats", "band_shifts", "kappa", "timesteps", "extra"}
     return {
+        **{key: value for key, value in state.items() if key not in known},  # e.g. a caller's "default_k"
         "energy_stats": state.get("energy_stats"),
         "band_shifts": None if shifts is None else tuple(float(s) for s in shifts),
         "kappa": state.get("kappa"),

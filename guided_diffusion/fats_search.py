@@ -12,6 +12,15 @@
 
 Every function is deterministic given its inputs: the noise x_T of each case is drawn once
 from its own seeded generator, so candidate step lists are compared on the same noise.
+
+Chosen over the design's alternatives: no dynamic programme on an additive proxy cost (the
+deterministic sampler's error is not additive over steps, and the direct search finds the
+brute-force optimum on the Gaussian toy of tests/test_fats.py), no gradient through the sampler
+(LD3) and no per-band effective times, no joint (VDM-style) learning of the shifts. Measured on
+that toy: with ``reference="target"`` (MSE to the real x0) the optimum crowds every step next to
+T - 1, i.e. it turns the sampler into one-step regression of the posterior mean (FATS.md,
+"Metric trap"); ``reference="teacher"`` (distance to a many-step sample from the same noise)
+does not have that bias.
 """
 from __future__ import annotations
 
@@ -200,7 +209,8 @@ def learn_timesteps(denoiser_factory: Callable[[dict], Denoiser], schedule: Nois
     if init_steps is not None:
         init = [int(s) for s in init_steps]
         if len(init) != k or init[0] != T - 1 or init[-1] < 0 or any(a <= b for a, b in zip(init, init[1:])):
-            raise ValueError(f"learn_timesteps: init_steps must be {k} strictly decreasing indices from {T - 1}, got {init}")
+            raise ValueError(f"learn_timesteps: init_steps must be {k} strictly decreasing indices "
+                             f"from {T - 1}, got {init}")
         candidates.append(init)
     scored = []
     for cand in dict.fromkeys(tuple(c) for c in candidates):

@@ -68,7 +68,16 @@ def synthesize(loaded: LoadedModel, volumes: torch.Tensor, target: str, cfg: Sam
         case_ids: B ids; each case's noise comes from its own generator (seed, case id).
     Returns:
         (B, X, Y, Z) float32 synthesis in [0, 1] on the network grid, on the CPU.
+
+    The cases are sampled one at a time: batched kernels (oneDNN convolutions, GEMMs) round
+    differently for different batch sizes, so only this makes a case's result independent of the
+    batch it is in bit for bit (its noise already is). ``callback`` is called per case.
     """
+    if len(case_ids) != volumes.shape[0]:
+        raise ValueError(f"synthesize: {len(case_ids)} case ids for a batch of {volumes.shape[0]}")
+    if volumes.shape[0] > 1:
+        return torch.cat([synthesize(loaded, volumes[i : i + 1], target, cfg, case_ids[i : i + 1], steps, callback)
+                          for i in range(volumes.shape[0])])
     device = next(loaded.model.parameters()).device
     if steps is None:
         steps, _ = choose_steps(loaded, cfg)

@@ -225,17 +225,30 @@ class Trainer:
         with self._autocast():
             out = training_losses(self.ddp_model, schedule, x0, cond, t.to(self.device), noise, band_weights=weights)
         loss = out["loss"].mean()
-        if not torch.isfinite(loss):
-            path = self.save(LAST_GOOD)
-            raise TrainingDiverged(f"loss became {loss.item()} at step {self.step}; last good state saved to {path}")
+        self._stop_unless_finite(loss.detach(), "loss")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        # the gradient norm is checked too: a non-finite gradient would poison the weights in step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
+        self._stop_unless_finite(grad_norm, "gradient norm")
         self.optimizer.step()
         self._update_ema()
         self.step += 1
         return {"loss": loss.detach(), "per_band": out["per_band"].detach().mean(0), "x0": x0, "pred_x0": out["pred_x0"]}
+
+    def _stop_unless_finite(self, value: torch.Tensor, what: str) -> None:
+        """Raise TrainingDiverged (every rank alike) when ``value`` is NaN/Inf on any rank, after
+        saving the state from before this step, which no update has touched yet, as last_good.pt."""
+        finite = torch.isfinite(value).to(torch.float32)
+        if self.dist.world > 1:  # a rank must not stop alone: the others would wait for it forever
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item():
+            return
+        path = self.save(LAST_GOOD)
+        where = path if path is not None else self.run_dir / LAST_GOOD
+        raise TrainingDiverged(f"{what} became {value.item()} at step {self.step}; training stopped, the last good "
+                               f"state (step {self.step}) is saved to {where}")
 
     @torch.no_grad()
     def validation_loss(self, n_timesteps: int = 4) -> float:

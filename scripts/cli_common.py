@@ -10,7 +10,7 @@ from pathlib import Path
 
 import nibabel as nib
 
-from guided_diffusion.bratsloader import CaseError, Geometry, discover_cases
+from guided_diffusion.bratsloader import CaseError, Geometry, common_geometry, discover_cases
 from guided_diffusion.presets import PRESETS
 
 logger = logging.getLogger("fastcwdm")
@@ -46,21 +46,12 @@ def dataset_geometry(cases) -> Geometry:
 def find_cases(data_dir: str, mode: str, check_data: bool):
     """Discover cases; a missing folder or no usable case is fatal (CaseError)."""
     cases, errors = discover_cases(data_dir, mode=mode, geometry=None, check_data=check_data)
-    if cases:
-        geometry = dataset_geometry(cases)
-        good = []
-        for case in cases:
-            shape = tuple(nib.load(case.reference_path).shape)
-            if shape != geometry.original_shape:
-                errors.append(CaseError(case.reference_path, f"shape {shape} differs from the dataset's "
-                                                             f"{geometry.original_shape}"))
-            else:
-                good.append(case)
-        cases = good
+    geometry, cases, off_grid = common_geometry(cases)  # the most common shape decides, not the first case
+    errors += off_grid
     if not cases:
         detail = f" ({len(errors)} bad cases, first: {errors[0]})" if errors else ""
         raise CaseError(Path(data_dir), f"no usable {mode}-mode BraTS cases found{detail}")
-    return cases, errors, dataset_geometry(cases)
+    return cases, errors, geometry
 
 
 def report_failures(failures: list[CaseError | str], what: str) -> int:

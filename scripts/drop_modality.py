@@ -6,8 +6,8 @@ Example (from the repo root):
 
 The dropped modality (seeded per case id) is recorded in
 ``<output>/missing_modalities.json`` as ``{case_id: modality}``. Files are copied
-byte for byte; the input is only read. Incomplete or unreadable input cases are
-skipped and listed at the end (exit code 1).
+byte for byte; the input is only read. Incomplete, unreadable or corrupt input cases
+(every voxel is read unless --skip_data_check) are skipped and listed at the end (exit code 1).
 """
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--keep_seg", action="store_true", help="also copy the segmentations (BraSyn "
         "validation has none; default off)")
     add("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    add("--skip_data_check", action="store_true", help="check headers only, not every voxel "
+        "(faster; a corrupt file would then be copied as it is)")
     add("--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging(args.verbose)
     missing, errors = drop_modalities(
         args.input, args.output, seed=args.seed, keep_seg=args.keep_seg,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, check_data=not args.skip_data_check,
     )
     logger.info("wrote %d cases to %s, dropped: %s", len(missing), args.output,
                 dict(sorted(Counter(missing.values()).items())))

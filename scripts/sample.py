@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from guided_diffusion.bratsloader import CaseError, expected_path, load_case, save_volume, to_original_grid  # noqa: E402
-from guided_diffusion.checkpoints import atomic_write, load_model, resolve_model_source  # noqa: E402
+from guided_diffusion.checkpoints import CheckpointError, atomic_write, load_model, resolve_model_source  # noqa: E402
 from guided_diffusion.conditioning import MODALITIES, cond_modalities, modality_index  # noqa: E402
 from guided_diffusion.config import SAMPLERS, SampleConfig, save_json  # noqa: E402
 from guided_diffusion.figures import slice_figure  # noqa: E402
@@ -32,6 +32,7 @@ from guided_diffusion.runinfo import run_info  # noqa: E402
 from guided_diffusion.synthesis import choose_steps, synthesize  # noqa: E402
 
 logger = logging.getLogger("sample")
+RESULT_FILES = ("sample_config.json", "metrics.json", "metrics.csv", "slice.png")  # one set per --out_dir
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,6 +56,13 @@ def checkpoint_sample_defaults(loaded) -> SampleConfig:
     return SampleConfig.from_dict(loaded.extra.get("sample", {}))
 
 
+def check_model_target(loaded, target: str, source: str) -> None:
+    """Refuse a model trained to synthesise another modality (cWDM weights do not say: accepted)."""
+    trained = loaded.target_modality
+    if trained and trained != target and not loaded.model_config.num_modality_labels:
+        raise CheckpointError(f"{source}: this model was trained to synthesise {trained}, not {target}")
+
+
 def default_device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -64,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="model: a .pt/.safetensors path or hf://<org>/<repo>/<file>[@rev]")
     p.add_argument("--data_dir", required=True, help="BraTS-layout folder of cases with all four modalities")
     p.add_argument("--contr", required=True, choices=MODALITIES, help="modality to synthesise")
+    p.add_argument("--hf_cache", default=None, help="Hugging Face cache folder for hf:// models (default: the hub's own)")
     p.add_argument("--out_dir", required=True, help="output folder (created; existing outputs are not overwritten)")
     p.add_argument("--max_cases", type=int, default=0, help="only the first N cases (0 = all)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out_dir")
@@ -94,13 +103,22 @@ def main(argv=None) -> int:
     cli.setup_logging()
     args = parse_args(argv)
     device = default_device(args.device)
-    loaded = load_model(resolve_model_source(args.checkpoint), device=device)
+    loaded = load_model(resolve_model_source(args.checkpoint, args.hf_cache), device=device)
+    check_model_target(loaded, args.contr, args.checkpoint)
     cfg = sample_config_from_args(args, checkpoint_sample_defaults(loaded))
     steps, steps_origin = choose_steps(loaded, cfg)
     cases, failures, geometry = cli.find_cases(args.data_dir, "train", check_data=False)
+    try:
+        geometry.check_divisible(loaded.model_config.spatial_divisor.bit_length())  # DWT (x2) + UNet downsamplings
+    except ValueError as err:
+        raise CaseError(Path(args.data_dir), f"the cases do not fit the model {args.checkpoint}: {err}") from None
     if args.max_cases:
         cases = cases[: args.max_cases]
     out_dir = Path(args.out_dir)
+    earlier = [name for name in RESULT_FILES if (out_dir / name).exists()]
+    if earlier and not args.overwrite:
+        raise FileExistsError(f"{out_dir} already holds the results of an earlier run ({', '.join(earlier)}); "
+                              "pass --overwrite to replace them or choose another --out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     logger.info("synthesising %s for %d cases with %s, %d network evaluations (%s), on %s", args.contr, len(cases),
                 cfg.sampler, len(steps), steps_origin, device)
@@ -117,8 +135,11 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - start
             save_volume(out_path, to_original_grid(pred.numpy(), geometry), data.reference, overwrite=args.overwrite)
             gt = data.volumes[target_idx]
-            record = {"case_id": case.case_id, "seconds": seconds,
-                      **evaluate_case(pred.numpy(), gt, data.brain_mask, data.seg)}
+            try:
+                metrics = evaluate_case(pred.numpy(), gt, data.brain_mask, data.seg)
+            except ValueError as err:  # the volume is written; the case still counts as failed
+                raise CaseError(case.files[args.contr], f"cannot evaluate the synthesis against it: {err}") from None
+            record = {"case_id": case.case_id, "seconds": seconds, **metrics}
             records.append(record)
             if figure is None:
                 panels = [(m, data.volumes[modality_index(m)]) for m in cond_modalities(args.contr)]

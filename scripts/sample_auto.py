@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cli_common as cli  # noqa: E402
 import torch  # noqa: E402
-from sample import add_sampling_arguments, checkpoint_sample_defaults, default_device, sample_config_from_args  # noqa: E402
+from sample import (add_sampling_arguments, check_model_target, checkpoint_sample_defaults, default_device,  # noqa: E402
+                    sample_config_from_args)
 from tqdm import tqdm  # noqa: E402
 
 from guided_diffusion.bratsloader import CaseError, expected_path, load_case, save_volume, to_original_grid  # noqa: E402
@@ -64,13 +65,23 @@ def model_sources(args) -> dict[str, str]:
     return sources
 
 
+def unused_path(path: Path) -> Path:
+    """``path``, or ``<stem>_1<suffix>``, ``<stem>_2<suffix>`` ... : the first that does not exist
+    (a re-run, e.g. with --in_place, never replaces an earlier report)."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    return candidate
+
+
 def main(argv=None) -> int:
     cli.setup_logging()
     args = parse_args(argv)
     if args.in_place and args.out_dir:
         return cli.fatal("--in_place and --out_dir are exclusive")
     data_dir = Path(args.data_dir)
-    out_dir = data_dir if args.in_place else Path(args.out_dir or f"{str(data_dir).rstrip('/')}_completed")
+    out_dir = data_dir if args.in_place else Path(args.out_dir or f"{data_dir.resolve()}_completed")  # '.' too
     device = default_device(args.device)
     sources = model_sources(args)
     cases, failures, geometry = cli.find_cases(str(data_dir), "auto", check_data=False)
@@ -81,7 +92,9 @@ def main(argv=None) -> int:
             model_errors[mod] = f"no model for {mod}: pass --model {mod}=<checkpoint> or a --model_dir with {mod}/best.pt"
             continue
         try:
-            models[mod] = load_model(resolve_model_source(sources[mod], args.hf_cache), device=device)
+            loaded = load_model(resolve_model_source(sources[mod], args.hf_cache), device=device)
+            check_model_target(loaded, mod, sources[mod])
+            models[mod] = loaded
         except CheckpointError as err:
             model_errors[mod] = str(err)
     written = []
@@ -106,7 +119,7 @@ def main(argv=None) -> int:
             logger.error("%s", err)
     if written:
         save_json({"completed": written, "models": sources, "run": run_info(),
-                   "failures": [str(f) for f in failures]}, out_dir / "completion_report.json")
+                   "failures": [str(f) for f in failures]}, unused_path(out_dir / "completion_report.json"))
     print(f"completed {len(written)} cases into {out_dir}; {len(failures)} failed")
     return cli.report_failures(failures, "cases")
 

@@ -16,7 +16,7 @@ import cli_common as cli  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from guided_diffusion.bratsloader import BratsDataset  # noqa: E402
+from guided_diffusion.bratsloader import BratsDataset, CaseError  # noqa: E402
 from guided_diffusion.conditioning import MODALITIES  # noqa: E402
 from guided_diffusion.config import save_json  # noqa: E402
 from guided_diffusion.presets import get_preset  # noqa: E402
@@ -24,6 +24,7 @@ from guided_diffusion.runinfo import run_info  # noqa: E402
 from guided_diffusion.train_util import LATEST, Trainer, TrainingDiverged, setup_distributed  # noqa: E402
 
 logger = logging.getLogger("train")
+FATS_STEP_BUDGETS = (1, 2, 4, 10)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,6 +77,11 @@ def train_one(args, preset, target: str, train_cases, val_cases, geometry, dist)
     resume = args.resume
     if resume == "auto":
         resume = run_dir / LATEST if (run_dir / LATEST).is_file() else None
+    elif resume is None and (run_dir / LATEST).exists():
+        raise FileExistsError(f"{run_dir / LATEST} exists (an earlier run); pass --resume auto to continue it or "
+                              "choose another --run_dir (checkpoints are never overwritten by a fresh start)")
+    if dist.is_main:
+        remove_partial_saves(run_dir)
     if resume:
         trainer.resume(resume)
     if dist.is_main:
@@ -95,10 +101,38 @@ def train_one(args, preset, target: str, train_cases, val_cases, geometry, dist)
 
     summary = trainer.run(on_log)
     bar.close()
+    if diffusion_cfg.kind == "fats" and val_cases and dist.is_main:
+        fit_fats_steps(trainer, val_set, target, run_dir)
     if dist.is_main:
         logger.info("%s: trained to step %d, best validation loss %.5g; checkpoints in %s", target, summary["step"],
                     summary["best_val"], run_dir)
     return run_dir
+
+
+def remove_partial_saves(run_dir: Path) -> None:
+    """Delete the temporary files that saves of a killed run left behind (``.<name>.<random>.tmp``,
+    see ``checkpoints.atomic_write``); they are never taken for checkpoints, only cleaned up."""
+    for tmp in sorted(run_dir.glob(".*.tmp")):
+        logger.warning("removing %s, left by an interrupted save", tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def fit_fats_steps(trainer, val_set, target: str, run_dir: Path) -> None:
+    """FATS: learn the K-step sampling timesteps of the best checkpoint's EMA weights on the
+    validation cases, and store them in best.pt and latest.pt."""
+    from guided_diffusion.checkpoints import read_checkpoint, save_checkpoint
+    from guided_diffusion.fats_training import fit_sampling_steps, held_out_cases, with_learned_steps
+
+    source = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / LATEST
+    trainer.ema.load_state_dict(read_checkpoint(source)["ema"])
+    cases = held_out_cases(val_set, target, trainer.device, max_cases=len(val_set), seed=trainer.cfg.seed)
+    with torch.no_grad():
+        results = fit_sampling_steps(trainer.ema, trainer.target_schedule, cases, FATS_STEP_BUDGETS,
+                                     seed=trainer.cfg.seed)
+    for name in ("best.pt", LATEST):
+        if (run_dir / name).is_file():
+            save_checkpoint(run_dir / name, with_learned_steps(read_checkpoint(run_dir / name), results))
+    logger.info("stored learned sampling steps for K = %s (fitted on %s)", sorted(results), source.name)
 
 
 def main(argv=None) -> int:
@@ -108,7 +142,11 @@ def main(argv=None) -> int:
     dist = setup_distributed(prefer_cuda=not args.cpu)
     cases, failures, geometry = cli.find_cases(args.data_dir, "train", check_data=not args.skip_data_check)
     if args.val_dir:
-        val_cases, val_failures, _ = cli.find_cases(args.val_dir, "train", check_data=not args.skip_data_check)
+        val_cases, val_failures, val_geometry = cli.find_cases(args.val_dir, "train",
+                                                               check_data=not args.skip_data_check)
+        if val_geometry != geometry:
+            raise CaseError(Path(args.val_dir), f"validation cases are {val_geometry.original_shape}, training cases "
+                                                f"{geometry.original_shape} ({args.data_dir})")
         failures += val_failures
         train_cases = cases
     else:

@@ -12,7 +12,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # 2-core CI machines: one thread per test process avoids oversubscription
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +29,12 @@ def tiny_model_config():
     from guided_diffusion.config import ModelConfig
 
     return ModelConfig(num_channels=8, channel_mult=(1, 2), num_res_blocks=1, num_groups=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_dir(tmp_path_factory) -> Path:
+    """A tiny demo dataset made once per session (tests/fixtures_data.py); treat it as read-only
+    (copy a split before running anything that writes into its input folder)."""
+    from fixtures_data import make_tiny_dataset
+
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny_demo"))

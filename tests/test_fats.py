@@ -1,7 +1,9 @@
 """FATS: energy statistics, per-band schedules, learned timesteps, shift searches, checkpoint state."""
+import io
 import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,12 +213,13 @@ def test_learned_timesteps_with_a_network_clip_and_mask(tiny_model_config):
     model = build_model(tiny_model_config).eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    schedule = fats_schedule(DiffusionConfig(kind="fats", steps=20, band_shifts=(0.0, 1.0, 1.0, 2.0, 1.0, 2.0, 2.0, 3.0)))
+    shifts = (0.0, 1.0, 1.0, 2.0, 1.0, 2.0, 2.0, 3.0)
+    schedule = fats_schedule(DiffusionConfig(kind="fats", steps=12, band_shifts=shifts))
     cases = [{"x0": to_subbands(torch.rand(1, 1, 8, 8, 8)), "cond": torch.rand(1, 24, 4, 4, 4),
               "mask": subband_mask(torch.rand(1, 8, 8, 8) > 0.5)}]
     result = learn_timesteps(lambda case: make_denoiser(model, schedule, case["cond"]), schedule, cases, 3,
-                             clip=clip_in_image_space, grid=6, max_sweeps=1)
-    assert result["steps"][0] == 19 and result["error"] <= result["uniform_error"]
+                             clip=clip_in_image_space, grid=4, max_sweeps=1, rhos=(2.0,))
+    assert result["steps"][0] == 11 and result["error"] <= result["uniform_error"] and result["nfe"] < 60
     with torch.no_grad():
         out = ddim_sample(make_denoiser(model, schedule, cases[0]["cond"]), schedule,
                           torch.randn(1, 8, 4, 4, 4, generator=torch.Generator().manual_seed(0)), result["steps"],
@@ -255,12 +258,56 @@ def test_fats_state_round_trip_keeps_shifts_and_timesteps():
     learned = {"k": 4, "steps": [999, 400, 120, 7], "error": 0.01, "uniform_steps": [999, 666, 333, 0],
                "uniform_error": 0.02}
     state = fats_state_dict(energy_stats=stats, band_shifts=shifts, timesteps={4: learned, 2: (999, 300)}, kappa=0.75)
-    again = load_fats_state(json.loads(json.dumps(state)))
+    again = load_fats_state(json.loads(json.dumps({**state, "default_k": 4})))
     assert again["band_shifts"] == shifts and again["kappa"] == 0.75
     assert again["timesteps"][4]["steps"] == [999, 400, 120, 7] and again["timesteps"][2]["steps"] == [999, 300]
     assert again["timesteps"][4]["uniform_error"] == 0.02 and again["energy_stats"] == stats
+    assert again["default_k"] == 4  # keys added by callers pass through
     assert load_fats_state(state)["timesteps"] == again["timesteps"]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    assert load_fats_state(torch.load(buffer, weights_only=True))["band_shifts"] == shifts
     with pytest.raises(ValueError, match="strictly decreasing"):
         fats_state_dict(timesteps={3: [999, 999, 0]})
     with pytest.raises(ValueError, match="version"):
         load_fats_state({**state, "version": 99})
+
+
+# --------------------------------------------------------------------------- script
+
+
+def _write_tiny_brats(root: Path, n_cases: int) -> None:
+    """BraTS-layout cases on the 1/8-scale grid (30, 30, 19): a noisy ball of brain in zeros."""
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*(np.arange(s) for s in (30, 30, 19)), indexing="ij"))
+    ball = ((grid - np.array([15, 15, 9]).reshape(3, 1, 1, 1)) ** 2).sum(0) < 64
+    for i in range(n_cases):
+        case = root / f"BraTS-TEST-{i:05d}-000"
+        case.mkdir(parents=True)
+        for modality in ("t1n", "t1c", "t2w", "t2f"):
+            vol = (ball * (100 + 20 * rng.standard_normal(ball.shape))).astype(np.float32)
+            nib.save(nib.Nifti1Image(vol, np.diag([8.0, 8.0, 8.0, 1.0])), case / f"{case.name}-{modality}.nii.gz")
+
+
+def test_fats_stats_script_end_to_end(tmp_path):
+    import importlib.util
+
+    _write_tiny_brats(tmp_path / "training", 3)
+    path = Path(__file__).resolve().parents[1] / "scripts" / "fats_stats.py"
+    spec = importlib.util.spec_from_file_location("fats_stats_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "stats.json"
+    with pytest.raises(SystemExit) as exit_info:
+        script.cli.main_guard(lambda: script.main(["--data_dir", str(tmp_path / "training"), "--contr", "t1c",
+                                                   "--out", str(out), "--max_cases", "2", "--seed", "1"]))
+    assert exit_info.value.code == 0
+    stats = json.loads(out.read_text())
+    assert stats["n_volumes"] == 2 and len(stats["case_ids"]) == 2 and stats["target_modality"] == "t1c"
+    assert stats["energy"]["LLL"] > stats["energy"]["HHH"] > 0
+    shifts = stats["shifts_kappa1_mean"]
+    assert len(shifts) == 8 and shifts[-1] > 0 > shifts[0]

@@ -1,0 +1,434 @@
+"""Seconds per synthesised volume and peak memory at K network evaluations (NFE).
+
+One volume = the whole image-to-image synthesis: DWT of the three conditioning volumes
+(once), deterministic DDIM (eta = 0) over ``respaced_steps(1000, K)`` of the linear schedule
+with cWDM's clipping (IDWT -> clamp [0, 1] -> DWT of every x0 prediction), the IDWT of the
+result, the copy to the host and writing it as a gzipped NIfTI with nibabel (on the network
+grid; the crop back to BraTS's grid is not included).
+
+The network is wrapped in a timing module (device synchronised before and after each call,
+bf16 autocast applied inside it), so each volume's time splits into network time, NIfTI
+writing time and the rest (wavelet transforms, clipping, sampler arithmetic).
+
+K values above ``--max_measured_k`` are not run: their time is extrapolated as
+seconds(K) = fixed + per_step * K, with the once-per-volume time and the sampling loop's time
+per step measured at the largest measured K, and they are marked ``"extrapolated": true``.
+
+Peak memory: as in bench_train_step.py (CUDA: max_memory_allocated; CPU: peak RSS from
+/proc/self/status after a /proc/self/clear_refs reset), in a fresh worker process, counted
+from before the model is built and reset before every volume. fp32 and bf16 volumes alternate
+in that process so that both see the same machine load.
+
+The JSON also holds an audit of what the sampler does on the host per step: the sampler runs
+once with model and data on the ``meta`` device, and a dispatch mode records every operation
+that copies between the host and the device or runs on host tensors, with its source line.
+On CUDA, each such copy from pageable memory is a synchronising ``cudaMemcpy``.
+
+Run:
+  python benchmarks/bench_sampling.py --config demo --device cpu --repeats 3
+  python benchmarks/bench_sampling.py --config full --device cpu --k 1 --repeats 1 --warmup 0
+  python benchmarks/bench_sampling.py --config full --device cuda --max_measured_k 100
+Results are merged into benchmarks/results/sampling.json under the key "<config>/<device>".
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_train_step import (  # noqa: E402
+    GIB, PRESETS, PeakMemory, command_line, cpu_description, limit_cpu_memory, mem_available_bytes, merge_result,
+    preset, run_isolated, warm_runtime,
+)
+from benchmarks.common import RESULTS_DIR, machine, sync  # noqa: E402
+from DWT_IDWT import clip_in_image_space, from_subbands, to_subbands  # noqa: E402
+from guided_diffusion.config import build_model  # noqa: E402
+from guided_diffusion.diffusion import make_denoiser, randn  # noqa: E402
+from guided_diffusion.samplers import ddim_sample, ddpm_sample, respaced_steps  # noqa: E402
+from guided_diffusion.schedules import linear  # noqa: E402
+
+K_VALUES = (1, 2, 4, 10, 100, 1000)
+PRECISIONS = ("fp32", "bf16")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class TimedNetwork(nn.Module):
+    """Wraps the network: optional bf16 autocast, device sync around the call, time and count."""
+
+    def __init__(self, model: nn.Module, precision: str = "fp32"):
+        super().__init__()
+        self.model = model
+        self.precision = precision
+        self.seconds = 0.0
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        sync(x.device)
+        start = time.perf_counter()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            out = self.model(x, t, **kwargs)
+        out = out.to(x.dtype)  # the cast back from bf16 belongs to the network's cost
+        sync(x.device)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+
+def synthesize_volume(net: TimedNetwork, schedule, cond_volumes: torch.Tensor, k: int,
+                      generator: torch.Generator, out_path: Path) -> dict:
+    """One full synthesis at K NFEs; returns its timings (seconds) and NFE.
+
+    cond_volumes: (1, 3, D, H, W) conditioning volumes on the device. ``loop_s`` is the
+    sampling loop; ``fixed_s`` everything done once per volume (conditioning DWT, x_T, final
+    IDWT, copy to host, NIfTI write), of which ``nifti_write_s`` is the write.
+    """
+    device = cond_volumes.device
+    net.seconds, net.calls = 0.0, 0
+    sync(device)
+    start = time.perf_counter()
+    cond = to_subbands(cond_volumes)  # once per volume; make_denoiser binds it for every step
+    denoiser = make_denoiser(net, schedule, cond)
+    x_T = randn((1, 8, *cond.shape[2:]), generator, device)
+    sync(device)
+    loop_start = time.perf_counter()
+    bands = ddim_sample(denoiser, schedule, x_T, respaced_steps(schedule.num_steps, k), eta=0.0,
+                        clip=clip_in_image_space)
+    sync(device)
+    loop_end = time.perf_counter()
+    volume = from_subbands(bands).clamp(0.0, 1.0)[0, 0].float().cpu().numpy()
+    io_start = time.perf_counter()
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(out_path))
+    end = time.perf_counter()
+    total = end - start
+    return {"total_s": total, "network_s": net.seconds, "loop_s": loop_end - loop_start,
+            "fixed_s": total - (loop_end - loop_start), "nifti_write_s": end - io_start, "nfe": net.calls}
+
+
+def measure_sampling(spec: dict) -> dict:
+    """All measured K for one (config, device), the precisions interleaved volume by volume so
+    that they see the same machine load. Runs in a worker process."""
+    device = torch.device(spec["device"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    if device.type == "cpu" and spec.get("cpu_memory_limit_bytes"):
+        limit_cpu_memory(spec["cpu_memory_limit_bytes"])
+    cfg, shape = preset(spec["config"])
+    warm_runtime(device)
+    memory = PeakMemory(device).start()
+    results = {p: {} for p in spec["precisions"]}
+    try:
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device).eval().requires_grad_(False)
+        nets = {p: TimedNetwork(model, p) for p in spec["precisions"]}
+        schedule = linear()
+        gen = torch.Generator(device).manual_seed(0)
+        cond_volumes = torch.rand((1, 3, *shape), generator=gen, device=device)
+        with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+            out_path = Path(tmp) / "synthesis.nii.gz"
+            for _ in range(spec["warmup"]):
+                for net in nets.values():
+                    synthesize_volume(net, schedule, cond_volumes, 1, gen, out_path)
+            for k in spec["k_values"]:
+                for _ in range(spec["repeats"]):
+                    for precision, net in nets.items():
+                        memory.reset_peak()
+                        run = synthesize_volume(net, schedule, cond_volumes, k, gen, out_path)
+                        run["peak_memory_bytes"] = memory.peak_bytes()
+                        results[precision].setdefault(k, []).append(run)
+    except Exception as err:  # noqa: BLE001 - recorded as a skip
+        return {"skipped": True, "reason": f"{type(err).__name__}: {str(err).strip()[:300]}"}
+    return {"skipped": False, "by_precision": results, "peak_memory_method": memory.method}
+
+
+def _summary(k: int, runs: list[dict]) -> dict:
+    med = {key: statistics.median(r[key] for r in runs)
+           for key in ("total_s", "network_s", "nifti_write_s", "fixed_s", "loop_s")}
+    outside = [(r["total_s"] - r["network_s"]) / r["total_s"] for r in runs]
+    return {
+        "k": k, "nfe": runs[0]["nfe"], "extrapolated": False, "seconds_per_volume": med["total_s"],
+        "times_s": [r["total_s"] for r in runs], "network_seconds": med["network_s"],
+        "network_seconds_per_nfe": med["network_s"] / max(runs[0]["nfe"], 1),
+        "nifti_write_seconds": med["nifti_write_s"], "fixed_per_volume_seconds": med["fixed_s"],
+        "loop_seconds": med["loop_s"],
+        "outside_network_seconds": statistics.median(r["total_s"] - r["network_s"] for r in runs),
+        "outside_network_seconds_excluding_nifti": statistics.median(
+            r["total_s"] - r["network_s"] - r["nifti_write_s"] for r in runs),
+        "outside_network_fraction": statistics.median(outside),
+        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs),
+    }
+
+
+def _extrapolate(k: int, measured: list[dict], runs_at_kmax: list[dict]) -> dict:
+    """seconds(K) = fixed + per_step * K, both taken from the largest measured K (most steps,
+    so the least noisy per-step figure): fixed = the once-per-volume work, per_step = the
+    sampling loop's time per step; the network time per NFE likewise."""
+    kmax = measured[-1]["k"]
+    fixed = statistics.median(r["fixed_s"] for r in runs_at_kmax)
+    per_step = statistics.median(r["loop_s"] / r["nfe"] for r in runs_at_kmax)
+    net_per_nfe = statistics.median(r["network_s"] / r["nfe"] for r in runs_at_kmax)
+    nfe = len(respaced_steps(1000, k))
+    total, network = fixed + per_step * nfe, net_per_nfe * nfe
+    return {
+        "k": k, "nfe": nfe, "extrapolated": True, "extrapolated_from_k": kmax,
+        "seconds_per_volume": total, "network_seconds": network,
+        "outside_network_fraction": max(total - network, 0.0) / total,
+        "fit_seconds": {"fixed_per_volume_s": fixed, "per_step_s": per_step, "network_per_nfe_s": net_per_nfe},
+        "peak_memory_bytes": None,
+    }
+
+
+# --------------------------------------------------------------------------- host-side audit
+
+class _HostAudit(TorchDispatchMode):
+    """Records ops that move data between host and device, or run on host tensors."""
+
+    def __init__(self, watch: dict[str, tuple[int, ...]] | None = None):
+        super().__init__()
+        self.events: Counter = Counter()
+        self.bytes: Counter = Counter()
+        self.watch = watch or {}  # name -> shape: also count ops that read a tensor of that shape
+
+    def _watched(self, func, args, kwargs) -> None:
+        shapes = {tuple(a.shape) for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        for name, shape in self.watch.items():
+            if shape in shapes:
+                self.events[(f"reads_{name}", str(func.overloadpacket.__name__), _call_site())] += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.watch:
+            self._watched(func, args, kwargs)
+        devs_in = {a.device.type for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        devs_out = {o.device.type for o in tree_leaves(out) if isinstance(o, torch.Tensor)}
+        if devs_in == {"cpu"} and "cpu" not in devs_out and devs_out:
+            kind = "host_to_device_copy"
+        elif devs_out == {"cpu"} and devs_in and "cpu" not in devs_in:
+            kind = "device_to_host_copy"
+        elif devs_in <= {"cpu"} and devs_out <= {"cpu"}:
+            kind = "host_op"
+        else:
+            return out
+        key = (kind, str(func.overloadpacket.__name__), _call_site())
+        self.events[key] += 1
+        if kind != "host_op":
+            self.bytes[key] += sum(o.numel() * o.element_size()
+                                   for o in tree_leaves(out) if isinstance(o, torch.Tensor))
+        return out
+
+
+def _call_site() -> str:
+    """Innermost frame of project code (not this benchmark), as 'path:line: code'."""
+    for frame in reversed(traceback.extract_stack()):
+        path = Path(frame.filename)
+        if REPO_ROOT in path.parents and path.parent.name != "benchmarks":
+            return f"{path.relative_to(REPO_ROOT)}:{frame.lineno}: {(frame.line or '').strip()}"
+    return "?"
+
+
+def audit_host_work(config: str = "tiny", sampler: str = "ddim") -> dict:
+    """Per-step host<->device copies and host ops of the sampling loop, found on the meta device.
+
+    Runs the pipeline of :func:`synthesize_volume` (without I/O) for K = 1 and K = 3 with one
+    CPU generator per case, as ``guided_diffusion.synthesis.synthesize`` seeds them; the
+    per-step figures are (count(K=3) - count(K=1)) / 2, i.e. those of an intermediate step.
+    The model runs on ``meta`` (shapes only), so any config is cheap; host-side work is real.
+    """
+    cfg, shape = preset(config)
+    device = torch.device("meta")
+    model = build_model(cfg).to(device).eval()
+    schedule = linear()
+    counts, sizes = {}, {}
+    for k in (1, 3):
+        generators = [torch.Generator().manual_seed(0)]
+        half = tuple(s // 2 for s in shape)
+        watch = {"conditioning_volumes": (1, 3, *shape), "conditioning_subbands": (1, 24, *half)}
+        with torch.no_grad(), _HostAudit(watch) as audit:
+            cond = to_subbands(torch.rand((1, 3, *shape), device=device))
+            denoiser = make_denoiser(model, schedule, cond)
+            x_T = randn((1, 8, *cond.shape[2:]), generators, device)
+            steps = respaced_steps(schedule.num_steps, k)
+            if sampler == "ddim":
+                bands = ddim_sample(denoiser, schedule, x_T, steps, 0.0, generators, clip_in_image_space)
+            else:
+                bands = ddpm_sample(denoiser, schedule, x_T, steps, generators, clip_in_image_space)
+            from_subbands(bands)
+        counts[k], sizes[k] = audit.events, audit.bytes
+    per_step, per_volume = [], []
+    for key in sorted(set(counts[1]) | set(counts[3])):
+        n1, n3 = counts[1].get(key, 0), counts[3].get(key, 0)
+        kind, op, site = key
+        if n3 != n1:
+            row = {"kind": kind, "op": op, "site": site, "per_step": (n3 - n1) / 2}
+            if kind != "host_op":
+                row["bytes_per_step"] = (sizes[3].get(key, 0) - sizes[1].get(key, 0)) / 2
+            per_step.append(row)
+        if n1 - (n3 - n1) / 2 > 0:
+            per_volume.append({"kind": kind, "op": op, "site": site, "count": n1 - (n3 - n1) / 2})
+    totals, total_bytes = Counter(), Counter()
+    for e in per_step:
+        totals[e["kind"]] += e["per_step"]
+        total_bytes[e["kind"]] += e.get("bytes_per_step", 0)
+    result = {"sampler": sampler, "config": config, "generators": "one CPU torch.Generator per case",
+              "per_step": per_step, "once_per_volume": per_volume, "per_step_totals": dict(totals),
+              "host_to_device_bytes_per_step": total_bytes["host_to_device_copy"]}
+    if sampler == "ddpm":  # what the per-step noise costs the host at this size
+        gen = [torch.Generator().manual_seed(0)]
+        noise_shape = (1, 8, *(s // 2 for s in shape))
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            randn(noise_shape, gen, "cpu")
+            times.append(time.perf_counter() - start)
+        result["host_noise_draw_seconds_per_step"] = statistics.median(times)
+    return result
+
+
+def constant_work_findings(ddim_audit: dict, ddpm_audit: dict) -> dict:
+    """What the samplers redo or transfer every step although it is constant across steps."""
+    def total(audit, kind):
+        return sum(e["per_step"] for e in audit["per_step"] if e["kind"] == kind)
+
+    def sites(audit, kind):
+        return sorted({e["site"] for e in audit["per_step"] if e["kind"] == kind})
+
+    return {
+        "conditioning_volume_ops_per_step": total(ddim_audit, "reads_conditioning_volumes"),
+        "conditioning_subbands_computed_once": total(ddim_audit, "reads_conditioning_volumes") == 0,
+        "conditioning_subband_reads_per_step": total(ddim_audit, "reads_conditioning_subbands"),
+        "conditioning_subband_read_sites": sites(ddim_audit, "reads_conditioning_subbands"),
+        "ddim_host_to_device_copies_per_step": total(ddim_audit, "host_to_device_copy"),
+        "ddim_host_to_device_copy_sites": sites(ddim_audit, "host_to_device_copy"),
+        "ddim_device_to_host_copies_per_step": total(ddim_audit, "device_to_host_copy"),
+        "ddim_host_ops_per_step": total(ddim_audit, "host_op"),
+        "ddpm_host_to_device_copies_per_step": total(ddpm_audit, "host_to_device_copy"),
+        "ddpm_host_to_device_bytes_per_step": ddpm_audit["host_to_device_bytes_per_step"],
+        "ddpm_host_noise_draw_seconds_per_step": ddpm_audit.get("host_noise_draw_seconds_per_step"),
+        "note": ("On CUDA each host->device copy from pageable memory is cudaMemcpyAsync + cudaStreamSynchronize. "
+                 "Constant per step yet copied every step: the Haar filter bank (rebuilt in float64 on the host "
+                 "by every dwt3/idwt3, twice per step in the clipping), alpha_bar(t) and alpha_bar(s) (DDIM) or "
+                 "the posterior coefficients (DDPM) from the float64 host table (re-padded with torch.cat on "
+                 "every alpha_bar_at call), and the step index t (make_denoiser). DDPM with CPU generators also "
+                 "draws each step's noise on the host and copies the full noise volume. The conditioning "
+                 "subbands are computed once per volume; only the torch.cat that builds the network input "
+                 "reads them each step."),
+    }
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+def run_sampling_benchmark(config: str = "demo", device: str = "cpu", precisions=PRECISIONS, k_values=K_VALUES,
+                           max_measured_k: int | None = None, repeats: int = 3, warmup: int = 1,
+                           isolate: bool = True, cpu_memory_limit_gb: float | None = None, threads: int = 0,
+                           audit: bool = True, log=print) -> dict:
+    cfg, shape = preset(config)
+    dev = torch.device(device)
+    if max_measured_k is None:
+        max_measured_k = 100 if dev.type == "cuda" else 10
+    k_values = sorted(set(k_values))
+    measured_k = [k for k in k_values if k <= max_measured_k] or [min(k_values)]
+    if cpu_memory_limit_gb is None:
+        limit = int(0.8 * mem_available_bytes()) if dev.type == "cpu" else 0
+    else:
+        limit = int(cpu_memory_limit_gb * GIB)
+    load_start = os.getloadavg()[0]
+    spec = {"config": config, "device": device, "precisions": list(precisions), "k_values": measured_k,
+            "repeats": repeats, "warmup": warmup, "threads": threads or torch.get_num_threads(),
+            "cpu_memory_limit_bytes": limit}
+    out = run_isolated(measure_sampling, spec, isolate)
+    per_precision = {}
+    for precision in precisions:
+        if out.get("skipped"):
+            log(f"{precision}: skipped: {out['reason']}")
+            per_precision[precision] = {"skipped": True, "reason": out["reason"]}
+            continue
+        by_k = out["by_precision"][precision]
+        rows = [_summary(k, by_k[k]) for k in measured_k]
+        rows += [_extrapolate(k, rows, by_k[measured_k[-1]]) for k in k_values if k not in measured_k]
+        for r in rows:
+            tag = " (extrapolated)" if r["extrapolated"] else ""
+            log(f"{precision} K={r['k']:>4}: {r['seconds_per_volume']:.3f} s/volume{tag}, "
+                f"outside network {100 * r['outside_network_fraction']:.1f}%")
+        per_precision[precision] = {"skipped": False, "by_k": rows}
+    fp32, bf16 = per_precision.get("fp32", {}), per_precision.get("bf16", {})
+    if fp32 and bf16 and not fp32.get("skipped") and not bf16.get("skipped"):
+        for a, b in zip(fp32["by_k"], bf16["by_k"]):
+            b["speedup_vs_fp32"] = a["seconds_per_volume"] / b["seconds_per_volume"]
+    entry = {
+        "command": command_line(), "machine": {**machine(), **cpu_description()},
+        "config": config, "device": device, "model_config": cfg.to_dict(),
+        "volume_shape": [1, 1, *shape], "network_input_shape": [1, cfg.in_channels, *(s // 2 for s in shape)],
+        "sampler": "ddim eta=0, respaced_steps(1000, K) of the linear schedule, clip_in_image_space, i2i",
+        "includes": "DWT of conditioning, sampling loop, IDWT, copy to host, nibabel .nii.gz write",
+        "max_measured_k": max_measured_k, "measured_k": measured_k,
+        "extrapolated_k": [k for k in k_values if k not in measured_k],
+        "extrapolation": ("seconds(K) = fixed + per_step * K with the once-per-volume time and the loop's time "
+                          "per step measured at the largest measured K; peak memory not extrapolated"),
+        "worker_threads": threads or torch.get_num_threads(),
+        "repeats": repeats, "warmup": warmup, "isolated_process": isolate,
+        "precisions_interleaved": "fp32 and bf16 alternate volume by volume in one process",
+        "peak_memory_method": out.get("peak_memory_method", ""),
+        "load_average_1m": [load_start, os.getloadavg()[0]],
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32 if dev.type == "cuda" else None,
+        "precisions": per_precision,
+    }
+    if audit:
+        ddim, ddpm = audit_host_work(config, "ddim"), audit_host_work(config, "ddpm")
+        entry["host_work_audit"] = {"ddim": ddim, "ddpm": ddpm}
+        entry["constant_work_per_step"] = constant_work_findings(ddim, ddpm)
+    return entry
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=tuple(PRESETS), default="demo",
+                        help="model + volume preset: full (cWDM at BraTS size), demo (CPU), tiny (smoke tests)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
+                        help="fp32 and/or bf16 (autocast around the network)")
+    parser.add_argument("--k", type=int, nargs="+", default=list(K_VALUES), help="network evaluations per volume")
+    parser.add_argument("--max_measured_k", "--max-measured-k", type=int, default=None,
+                        help="largest K actually run; larger K are extrapolated (default 10 on CPU, 100 on CUDA)")
+    parser.add_argument("--repeats", type=int, default=3, help="volumes per K (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed K=1 volumes first")
+    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
+                        help="run every precision in this process (memory figures less clean)")
+    parser.add_argument("--no-audit", dest="audit", action="store_false", help="skip the host-work audit")
+    parser.add_argument("--cpu-memory-limit-gb", type=float, default=None,
+                        help="address-space cap for a CPU worker (default 80%% of MemAvailable)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "sampling.json",
+                        help="results JSON (merged under the key <config>/<device>)")
+    args = parser.parse_args(argv)
+    entry = run_sampling_benchmark(args.config, args.device, args.precisions, args.k, args.max_measured_k,
+                                   args.repeats, args.warmup, args.isolate, args.cpu_memory_limit_gb, args.threads,
+                                   args.audit)
+    if entry["extrapolated_k"]:
+        print(f"K = {entry['extrapolated_k']} are extrapolated from K = {entry['measured_k']}, not measured")
+    if "constant_work_per_step" in entry:
+        c = entry["constant_work_per_step"]
+        print(f"per DDIM step: {c['ddim_host_to_device_copies_per_step']:g} host->device copies, "
+              f"{c['ddim_device_to_host_copies_per_step']:g} device->host copies, {c['ddim_host_ops_per_step']:g} "
+              f"host ops; per DDPM step: {c['ddpm_host_to_device_copies_per_step']:g} host->device copies "
+              f"({c['ddpm_host_to_device_bytes_per_step'] / 2**20:.1f} MiB)")
+    path = merge_result(args.out, f"{args.config}/{args.device}", entry)
+    print(f"wrote {path}")
+    return entry
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Learn K-step sampling timesteps for a checkpoint on held-out cases and store them in it.
+
+Works for any checkpoint: a FATS run (done automatically at the end of `train.py --preset fats`),
+a shared-schedule Fast-cWDM checkpoint, or cWDM's published weights (only the choice of
+timesteps is training-free for those).
+
+    python scripts/fats_fit_steps.py --checkpoint runs/fats/t2f/best.pt --data_dir data/held_out \
+        --contr t2f --k 1 2 4 10 --out runs/fats/t2f/best_steps.pt
+
+The held-out cases must not be used for anything else you report on.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cli_common as cli  # noqa: E402
+import torch  # noqa: E402
+
+from guided_diffusion.bratsloader import BratsDataset  # noqa: E402
+from guided_diffusion.checkpoints import is_bare_state_dict, load_model, read_checkpoint, resolve_model_source, save_checkpoint  # noqa: E402
+from guided_diffusion.conditioning import MODALITIES  # noqa: E402
+from guided_diffusion.fats_training import DEFAULT_K, fit_sampling_steps, held_out_cases, with_learned_steps  # noqa: E402
+
+logger = logging.getLogger("fats_fit_steps")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a .pt/.safetensors path or hf://<org>/<repo>/<file>[@rev]")
+    p.add_argument("--data_dir", required=True, help="held-out cases with all four modalities")
+    p.add_argument("--contr", required=True, choices=MODALITIES, help="the modality the model synthesises")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 10], help="step budgets to learn (default 1 2 4 10)")
+    p.add_argument("--default_k", type=int, default=DEFAULT_K, help="budget used when sampling without --steps")
+    p.add_argument("--max_cases", type=int, default=4, help="held-out cases used for fitting (seeded subset)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the case subset and the starting noise")
+    p.add_argument("--out", required=True, help="output checkpoint (refuses to overwrite unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    return p.parse_args(argv)
+
+
+def checkpoint_dict_for(path: Path, loaded) -> dict:
+    """The checkpoint as a Fast-cWDM dict (cWDM bare weights are wrapped with their inferred config)."""
+    data = read_checkpoint(path)
+    if is_bare_state_dict(data) or path.suffix == ".safetensors":
+        return {"model": loaded.model.state_dict(), "ema": None, "optimizer": None, "step": loaded.step,
+                "config": {"model": loaded.model_config.to_dict(), "diffusion": loaded.diffusion_config.to_dict()},
+                "schedule": loaded.schedule.state_dict(), "extra": dict(loaded.extra)}
+    return data
+
+
+def fit_and_store(checkpoint_path: Path, data_dir: str, target: str, ks, out: Path, *, default_k: int = DEFAULT_K,
+                  max_cases: int = 4, seed: int = 0, device: str = "cpu") -> dict:
+    loaded = load_model(checkpoint_path, device=device)
+    cases, failures, geometry = cli.find_cases(data_dir, "train", check_data=False)
+    for failure in failures:
+        logger.warning("skipping %s", failure)
+    held_out = held_out_cases(BratsDataset(cases, geometry), target, device, max_cases, seed)
+    with torch.no_grad():
+        results = fit_sampling_steps(loaded.model, loaded.schedule, held_out, ks, seed=seed)
+    save_checkpoint(out, with_learned_steps(checkpoint_dict_for(checkpoint_path, loaded), results, default_k))
+    return results
+
+
+def main(argv=None) -> int:
+    cli.setup_logging()
+    args = parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        return cli.fatal(f"{out}: exists; pass --overwrite to replace it")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = fit_and_store(resolve_model_source(args.checkpoint), args.data_dir, args.contr, args.k, out,
+                            default_k=args.default_k, max_cases=args.max_cases, seed=args.seed, device=device)
+    for k, r in sorted(results.items()):
+        print(f"K={k}: steps {r['steps']}  held-out error {r['error']:.5g}  (uniform {r['uniform_error']:.5g})")
+    print(f"wrote {out}")
+    return cli.EXIT_OK
+
+
+if __name__ == "__main__":
+    cli.main_guard(main)
