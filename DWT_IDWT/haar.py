@@ -16,10 +16,16 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 
 
 def _haar_bank(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(8, 2, 2, 2) filter bank: bank[k, p, q, r] is band k's weight on voxel (p, q, r)."""
-    pair = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64) * _INV_SQRT2
-    bank = torch.einsum("ap,bq,cr->abcpqr", pair, pair, pair).reshape(8, 2, 2, 2)
-    return bank.to(dtype=dtype, device=device)
+    """(8, 2, 2, 2) filter bank: bank[k, p, q, r] is band k's weight on voxel (p, q, r).
+
+    Band k = (a, b, c) and voxel v = (p, q, r) as 3-bit numbers: the weight is
+    (-1)^(ap + bq + cr) / (2 sqrt 2) = (-1)^popcount(k & v) / (2 sqrt 2). Built on ``device``
+    so that no host-to-device copy (a synchronisation on CUDA) happens per transform.
+    """
+    kv = torch.arange(8, device=device)[:, None] & torch.arange(8, device=device)[None, :]
+    parity = (kv ^ (kv >> 1) ^ (kv >> 2)) & 1
+    bank = (1 - 2 * parity).to(dtype) * (_INV_SQRT2 ** 3)
+    return bank.reshape(8, 2, 2, 2)
 
 
 def _check_even(shape: tuple[int, ...], what: str) -> None:

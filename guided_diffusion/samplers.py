@@ -81,15 +81,23 @@ def ddim_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, 
         raise ValueError(f"ddim_sample: eta must be >= 0, got {eta}")
     steps = _check_steps(schedule, steps)
     x = x_T
+    # Per-step tables, moved to the device once (not two copies, each a sync on CUDA, per step):
+    # (K, C) alpha_bar at t and at s (s = -1 after the last step), and the step indices.
+    t_table = torch.tensor(steps, dtype=torch.long)
+    s_table = torch.tensor(steps[1:] + [-1], dtype=torch.long)
+    ab_t_table = schedule.alpha_bar_at(t_table).to(device=x.device, dtype=x.dtype)
+    ab_s_table = schedule.alpha_bar_at(s_table).to(device=x.device, dtype=x.dtype)
+    t_device = t_table.to(x.device)
+    b = x.shape[0]
     for i, t, s in _step_pairs(steps, x):
-        pred_x0 = denoiser(x, t)
+        pred_x0 = denoiser(x, t_device[i].expand(b))
         if clip is not None:
             pred_x0 = clip(pred_x0)
-        ab_t = append_dims(schedule.alpha_bar_at(t), x)
+        ab_t = append_dims(ab_t_table[i].expand(b, -1), x)
         # Noise implied by x_t and the (clipped) x0 estimate.
         eps = (x - ab_t.sqrt() * pred_x0) / (1.0 - ab_t).sqrt()
         if s[0] >= 0:
-            ab_s = append_dims(schedule.alpha_bar_at(s), x)
+            ab_s = append_dims(ab_s_table[i].expand(b, -1), x)
             sigma = eta * ((1 - ab_s) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_s).sqrt()
             x = ab_s.sqrt() * pred_x0 + (1 - ab_s - sigma ** 2).clamp_min(0).sqrt() * eps
             if eta > 0:
