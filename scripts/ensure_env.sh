@@ -22,3 +22,5 @@ if ! "$PYTHON" -c "$_ensure_check" >/dev/null 2>&1; then
     fi
 fi
 export PYTHON
+# The scripts import the project from the repository even when it is not pip-installed.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
