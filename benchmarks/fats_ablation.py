@@ -80,6 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default=str(RESULTS_DIR), help="output folder")
     p.add_argument("--work_dir", default=None, help="where data and checkpoints go (default: a temporary folder)")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse the models already trained in --work_dir (same settings) instead of training again")
+    p.add_argument("--timestep_reference", choices=["target", "teacher"], default="target",
+                   help="learned timesteps minimise the error to the real target (paired data) or to the same noise's "
+                        "1000-step DDIM sample (LD3-style teacher)")
+    p.add_argument("--name", default="fats_ablation", help="stem of the output files")
     return p.parse_args(argv)
 
 
@@ -89,6 +95,13 @@ def train_variant(name: str, diffusion_cfg: DiffusionConfig, schedule, train_set
                       val_interval=0, image_interval=0, ema_rate=0.99 if not args.quick else 0.5, num_workers=0,
                       seed=args.seed, precision=args.precision)
     trainer = Trainer(model_cfg, diffusion_cfg, cfg, train_set, schedule=schedule)
+    latest = run_dir / name / "latest.pt"
+    if args.reuse and latest.is_file():
+        trainer.resume(latest)
+        if trainer.step != args.train_steps:
+            raise RuntimeError(f"{latest}: trained {trainer.step} steps, not {args.train_steps}; cannot reuse")
+        logger.info("%s: reusing the model trained for %d steps in %s", name, trainer.step, latest)
+        return trainer.ema.eval(), trainer.target_schedule, {"train_seconds": None, "train_losses": [], "reused": True}
     start = time.perf_counter()
     losses = []
     trainer.run(lambda r: losses.append(r.loss))
@@ -190,7 +203,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             learned[name] = fit_sampling_steps(trained[name]["model"], trained[name]["schedule"], fit_cases, args.ks,
-                                               seed=args.seed)
+                                               seed=args.seed, reference=args.timestep_reference)
         logger.info("%s: learned timesteps for K=%s in %.0f s", name, args.ks, time.perf_counter() - t0)
 
     # Sample the test cases.
@@ -226,20 +239,22 @@ def main(argv=None) -> int:
         "fats_energy_stats": trained["fats"]["extra"]["fats"]["energy_stats"]["energy"],
         "learned_timesteps": {n: {str(k): {kk: r[kk] for kk in ("steps", "error", "uniform_steps", "uniform_error")}
                                   for k, r in res.items()} for n, res in learned.items()},
-        "learned_timesteps_reference": "brain-masked MSE to the real target subbands (paired data)",
+        "learned_timesteps_reference": {"target": "brain-masked MSE to the real target subbands (paired data)",
+                                        "teacher": "brain-masked MSE to the same noise's 1000-step DDIM sample"}[
+                                            args.timestep_reference],
         "metrics_grid": "network grid (cropped/padded), BraSyn percentile normalisation, mean over test cases",
         "test_cases": [c.case_id for c in test_cases], "fit_cases": [c.case_id for c in cases[args.n_train:]],
         "total_seconds": time.perf_counter() - start_all,
     }
-    save_json(payload, out_dir / "fats_ablation.json")
-    plot(records, out_dir / "fats_ablation_psnr_nfe.png")
+    save_json(payload, out_dir / f"{args.name}.json")
+    plot(records, out_dir / f"{args.name}_psnr_nfe.png")
     item = test_items[0]
     panels = [(m, item["volumes"][modality_index(m)].numpy()) for m in cond_modalities(args.contr)]
     panels.append((f"{args.contr} truth", item["volumes"][modality_index(args.contr)].numpy()))
     panels += [(name, vol) for name, vol in slices.items()]
-    slice_figure(out_dir / "fats_ablation_slices.png", panels, title=f"{item['case_id']}: one slice per variant")
+    slice_figure(out_dir / f"{args.name}_slices.png", panels, title=f"{item['case_id']}: one slice per variant")
     print(table(records))
-    print(f"wrote {out_dir / 'fats_ablation.json'}")
+    print(f"wrote {out_dir / (args.name + '.json')}")
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

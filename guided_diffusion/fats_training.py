@@ -86,13 +86,17 @@ def held_out_cases(dataset: Dataset, target: str, device, max_cases: int = 4, se
 
 
 def fit_sampling_steps(model: torch.nn.Module, schedule: NoiseSchedule, cases: list[dict], ks: Sequence[int],
-                       clip: bool = True, seed: int = 0) -> dict[int, dict]:
-    """Learned K-step DDIM timesteps for each K in ``ks`` (any model, any schedule)."""
+                       clip: bool = True, seed: int = 0, reference: str = "target") -> dict[int, dict]:
+    """Learned K-step DDIM timesteps for each K in ``ks`` (any model, any schedule).
+
+    ``reference``: ``"target"`` fits the real x0 (paired data); ``"teacher"`` fits the same noise's
+    sample over every step (avoids the one-step-regression optimum the target objective favours).
+    """
     model.eval()
     results = {}
     for k in ks:
         result = learn_timesteps(lambda case: make_denoiser(model, schedule, case["cond"]), schedule, cases, int(k),
-                                 clip=clip_in_image_space if clip else None, seed=seed)
+                                 clip=clip_in_image_space if clip else None, seed=seed, reference=reference)
         logger.info("K=%d: learned steps %s, held-out error %.5g (uniform %s: %.5g)", k, result["steps"],
                     result["error"], result["uniform_steps"], result["uniform_error"])
         results[int(k)] = result
