@@ -20,6 +20,8 @@ class Preset:
 
 DEMO_MODEL = ModelConfig(num_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, num_groups=8)
 TINY_MODEL = ModelConfig(num_channels=8, channel_mult=(1, 2), num_res_blocks=1, num_groups=4)  # inputs divisible by 4
+DEMO_TRAIN = TrainConfig(lr=5e-4, batch_size=2, max_steps=1_500, save_interval=500, log_interval=50, val_interval=500,
+                         val_cases=2, image_interval=500, ema_rate=0.99, num_workers=1)
 DEMO_SIZE = 0.25  # demo volumes: BraTS geometry scaled by 1/4 -> (60, 60, 39) files, (56, 56, 40) network grid
 
 PRESETS: dict[str, Preset] = {
@@ -40,14 +42,12 @@ PRESETS: dict[str, Preset] = {
         "FATS: per-band log-SNR shifts from wavelet energy statistics, learned 4-step sampling schedule"),
     "demo": Preset(
         DEMO_MODEL, DiffusionConfig(kind="fast_sampled", steps=10),
-        TrainConfig(lr=5e-4, batch_size=2, max_steps=1_500, save_interval=500, log_interval=50, val_interval=500,
-                    val_cases=2, image_interval=500, ema_rate=0.99, num_workers=1),
+        DEMO_TRAIN,
         SampleConfig(sampler="ddpm", steps=0),
         "a small network on the reduced-size demo data (trains on a 2-core CPU in minutes)"),
     "demo_fats": Preset(
         DEMO_MODEL, DiffusionConfig(kind="fats", steps=1000),
-        TrainConfig(lr=5e-4, batch_size=2, max_steps=1_500, save_interval=500, log_interval=50, val_interval=500,
-                    val_cases=2, image_interval=500, ema_rate=0.99, num_workers=1),
+        DEMO_TRAIN,
         SampleConfig(sampler="ddim", steps=4),
         "the demo network with FATS schedules and learned 4-step sampling (CPU)"),
     "tiny": Preset(
