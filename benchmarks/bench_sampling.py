@@ -52,7 +52,7 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_train_step import (  # noqa: E402
     GIB, PRESETS, PeakMemory, command_line, cpu_description, limit_cpu_memory, mem_available_bytes, merge_result,
-    preset, run_isolated, warm_runtime,
+    preset, run_isolated, setup_worker, warm_runtime,
 )
 from benchmarks.common import RESULTS_DIR, machine, sync  # noqa: E402
 from DWT_IDWT import clip_in_image_space, from_subbands, to_subbands  # noqa: E402
@@ -121,12 +121,7 @@ def synthesize_volume(net: TimedNetwork, schedule, cond_volumes: torch.Tensor, k
 def measure_sampling(spec: dict) -> dict:
     """All measured K for one (config, device), the precisions interleaved volume by volume so
     that they see the same machine load. Runs in a worker process."""
-    device = torch.device(spec["device"])
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    if device.type == "cpu" and spec.get("cpu_memory_limit_bytes"):
-        limit_cpu_memory(spec["cpu_memory_limit_bytes"])
-    cfg, shape = preset(spec["config"])
+    device, cfg, shape = setup_worker(spec)
     warm_runtime(device)
     memory = PeakMemory(device).start()
     results = {p: {} for p in spec["precisions"]}

@@ -188,6 +188,17 @@ def run_isolated(fn, spec: dict, isolate: bool) -> dict:
             os.environ[MMAP_ENV] = saved
 
 
+def setup_worker(spec: dict):
+    """A benchmark worker's device, thread count, memory limit and (model config, volume shape)."""
+    device = torch.device(spec["device"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    if device.type == "cpu" and spec.get("cpu_memory_limit_bytes"):
+        limit_cpu_memory(spec["cpu_memory_limit_bytes"])
+    cfg, shape = preset(spec["config"])
+    return device, cfg, shape
+
+
 def limit_cpu_memory(limit_bytes: int) -> None:
     """Cap this (worker) process's address space so running out raises instead of invoking the
     OOM killer on a shared machine. ``limit_bytes`` is added to the current virtual size."""
@@ -282,12 +293,7 @@ def warm_runtime(device: torch.device) -> None:
 
 def measure_mode(spec: dict) -> dict:
     """Time ``spec["repeats"]`` steps of one mode after warm-up; peak memory. Runs in a worker."""
-    device = torch.device(spec["device"])
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    if device.type == "cpu" and spec.get("cpu_memory_limit_bytes"):
-        limit_cpu_memory(spec["cpu_memory_limit_bytes"])
-    cfg, shape = preset(spec["config"])
+    device, cfg, shape = setup_worker(spec)
     mode = spec["mode"]
     warm_runtime(device)
     memory = PeakMemory(device).start()

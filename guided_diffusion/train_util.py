@@ -105,11 +105,6 @@ def _collate(items: list[dict]) -> dict:
     return out
 
 
-def subband_mask(brain_mask: torch.Tensor) -> torch.Tensor:
-    """(B, D, H, W) voxel mask -> (B, 1, D/2, H/2, W/2) float mask on the subband grid."""
-    return torch.nn.functional.max_pool3d(brain_mask[:, None].float(), 2)
-
-
 @dataclass
 class StepResult:
     step: int
