@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_train_step import (  # noqa: E402
-    GIB, PRESETS, PeakMemory, command_line, cpu_description, limit_cpu_memory, mem_available_bytes, merge_result,
+    GIB, PRESETS, PeakMemory, command_line, cpu_description, mem_available_bytes, merge_result,
     preset, run_isolated, setup_worker, warm_runtime,
 )
 from benchmarks.common import RESULTS_DIR, machine, sync  # noqa: E402

@@ -23,7 +23,6 @@ fats_ablation_slices.png. Default out: benchmarks/results.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import shutil
 import statistics
