@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from bad_input_corpus import REPO_ROOT, write_case
+from fixtures_data import assert_same_tree
 from guided_diffusion.checkpoints import read_checkpoint
 
 MAX_STEPS = 60  # far more than ten kills use up: every run must be killed before it ends
@@ -55,21 +56,6 @@ def _tb_losses(run_dir: Path) -> dict[int, list[float]]:
                         float(torch.tensor(list(value.tensor.float_val))[0])
                     losses.setdefault(event.step, []).append(number)
     return losses
-
-
-def _same(a, b, where=""):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}[{i}]")
-    elif torch.is_tensor(a):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
 
 
 def _partial_saves(run_dir: Path) -> list[Path]:
@@ -158,7 +144,7 @@ def test_sigkill_ten_times_then_resume_matches_uninterrupted_run(tmp_path):
                                                                                 weights_only=True)
     assert got["step"] == want["step"] == MAX_STEPS
     for key in ("model", "ema", "optimizer", "schedule", "best_val"):
-        _same(got[key], want[key], key)
+        assert_same_tree(got[key], want[key], key)
     ref_losses, run_losses = _tb_losses(ref_dir), _tb_losses(run_dir)
     assert sorted(ref_losses) == list(range(1, MAX_STEPS + 1))
     after_last_resume = [s for s in run_losses if s > last_step]

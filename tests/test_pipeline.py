@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fixtures_data import one_thread  # noqa: F401 (a fixture)
-from fixtures_data import TINY_GEOMETRY, digest, run_main
+from fixtures_data import TINY_GEOMETRY, assert_same_tree, digest, run_main
 from guided_diffusion.bratsloader import expected_path
 from guided_diffusion.conditioning import MODALITIES
 from guided_diffusion.metrics import METRIC_KEYS
@@ -45,22 +45,6 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _assert_same_tensors(a, b, where: str = "") -> None:
-    """Exact equality of nested dicts / lists of tensors and plain values."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_same_tensors(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_tensors(x, y, f"{where}[{i}]")
-    elif torch.is_tensor(a):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
-
-
 def test_training_writes_a_weights_only_checkpoint_with_its_config(runs):
     ckpt = _load(runs.step2 / "latest.pt")  # weights_only: no pickled code anywhere
     assert ckpt["format"] == "fast-cwdm/1" and ckpt["step"] == 2
@@ -80,7 +64,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(runs):
     resumed, straight = _load(runs.resumed / "latest.pt"), _load(runs.all / "t2f" / "latest.pt")
     assert resumed["step"] == straight["step"] == 4
     for key in ("model", "ema", "optimizer", "schedule"):
-        _assert_same_tensors(resumed[key], straight[key], key)
+        assert_same_tree(resumed[key], straight[key], key)
     step2 = _load(runs.step2 / "latest.pt")
     assert not all(torch.equal(v, step2["model"][k]) for k, v in resumed["model"].items())  # it did train on
     assert resumed["config"]["train"]["max_steps"] == 4
