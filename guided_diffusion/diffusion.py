@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .constants import PRECISIONS
 from .schedules import NoiseSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,42 +43,44 @@ def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: 
     return append_dims(ab.sqrt(), x0) * x0 + append_dims((1.0 - ab).sqrt(), x0) * noise
 
 
-def make_denoiser(model: nn.Module, schedule: NoiseSchedule, cond: torch.Tensor,
-                  label: torch.Tensor | None = None) -> Denoiser:
-    """Bind the conditioning: the one place where the network input is built (i2i mode).
+def make_denoiser(model: nn.Module, schedule: NoiseSchedule, cond: torch.Tensor, *,
+                  label: torch.Tensor | None = None, precision: str = "fp32") -> Denoiser:
+    """Bind the conditioning and the precision: the one place where the network input is built
+    (i2i mode) and the one place where bf16 autocast is applied.
 
-    The network sees ``cat([x_t, cond], dim=1)`` and the schedule's model time of step t,
-    and predicts x0 (cWDM's ``predict_xstart``).
+    The network sees ``cat([x_t, cond], dim=1)`` (B, C + C_cond, d, h, w) and the schedule's model
+    time of step t, and predicts x0 (cWDM's ``predict_xstart``), returned in ``x_t``'s dtype.
+    ``precision="bf16"`` runs the network under ``torch.autocast(dtype=torch.bfloat16)`` on
+    ``x_t``'s device type and casts its output back; ``"fp32"`` leaves the autocast state alone.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"make_denoiser: precision must be one of {PRECISIONS}, got {precision!r}")
     model_times = schedule.model_times.to(device=cond.device, dtype=torch.float32)
+    kwargs = {} if label is None else {"label": label}
 
     def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         time = model_times[t.to(cond.device).long()]
-        kwargs = {} if label is None else {"label": label}
-        return model(torch.cat([x_t, cond.to(x_t.dtype)], dim=1), time, **kwargs).to(x_t.dtype)
+        net_input = torch.cat([x_t, cond.to(x_t.dtype)], dim=1)
+        if precision == "bf16":
+            with torch.autocast(x_t.device.type, dtype=torch.bfloat16):
+                return model(net_input, time, **kwargs).to(x_t.dtype)
+        return model(net_input, time, **kwargs).to(x_t.dtype)
 
     return denoiser
 
 
-def sample_timesteps(schedule: NoiseSchedule, batch: int, generator: torch.Generator | None = None,
-                     device=None) -> torch.Tensor:
-    """Uniform training step indices (B,)."""
-    t = torch.randint(0, schedule.num_steps, (batch,), generator=generator,
-                      device=generator.device if generator is not None else "cpu")
-    return t.to(device) if device is not None else t
-
-
 def training_losses(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, cond: torch.Tensor,
-                    t: torch.Tensor, noise: torch.Tensor, label: torch.Tensor | None = None,
-                    band_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                    t: torch.Tensor, noise: torch.Tensor, *, label: torch.Tensor | None = None,
+                    band_weights: torch.Tensor | None = None, precision: str = "fp32") -> dict[str, torch.Tensor]:
     """cWDM's loss: MSE of the x0 prediction, reported per band.
 
     Noise is drawn in wavelet space (equivalent to image space for an orthonormal transform).
+    The network runs through :func:`make_denoiser` (so ``precision`` means what it means there).
     Returns ``loss`` (B,) (band-weighted mean, uniform weights by default), ``per_band`` (B, C)
     and ``pred_x0`` (B, C, d, h, w).
     """
     x_t = q_sample(schedule, x0, t, noise)
-    pred_x0 = make_denoiser(model, schedule, cond, label)(x_t, t)
+    pred_x0 = make_denoiser(model, schedule, cond, label=label, precision=precision)(x_t, t)
     per_band = ((pred_x0.float() - x0.float()) ** 2).mean(dim=(2, 3, 4))
     if band_weights is None:
         loss = per_band.mean(dim=1)
@@ -90,24 +93,18 @@ def training_losses(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
 VARIANCE_KINDS = ("large", "small")
 
 
-def reverse_step_mean_variance(schedule: NoiseSchedule, denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor,
-                               s: torch.Tensor | None = None,
-                               clip: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                               variance: str = "large") -> dict[str, torch.Tensor]:
-    """Mean and variance of p(x_s | x_t) from the (optionally clipped) x0 prediction.
+def posterior_mean_variance(schedule: NoiseSchedule, x_t: torch.Tensor, pred_x0: torch.Tensor, t: torch.Tensor,
+                            s: torch.Tensor, variance: str = "large") -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of p(x_s | x_t) given the x0 estimate, per band.
 
-    s defaults to t - 1 (DDPM). ``variance="large"`` is cWDM's fixed-large choice (the step's
-    beta, 1 - alpha_bar_t / alpha_bar_s); ``"small"`` is the true posterior variance. At the
-    last step (s = -1) no noise is added; its (log) variance is reported as DDPM does, from the
-    posterior variance of the step 1 -> 0, so it stays finite.
-    Returns ``pred_x0``, ``mean`` (B, C, d, h, w), ``variance``, ``log_variance`` (B, C, 1, 1, 1).
+    x_t, pred_x0: (B, C, d, h, w); t, s: (B,) step indices, s < t (s = -1: the clean end).
+    ``variance="large"`` is cWDM's fixed-large choice (the step's beta, 1 - alpha_bar_t /
+    alpha_bar_s); ``"small"`` is the true posterior variance. At s = -1 no noise is added; the
+    variance is reported as DDPM does, from the posterior variance of the step 1 -> 0, so it stays
+    finite. Returns ``mean`` (B, C, d, h, w) and ``variance`` (B, C) (float64, the schedule's dtype).
     """
     if variance not in VARIANCE_KINDS:
         raise ValueError(f"variance must be one of {VARIANCE_KINDS}, got {variance!r}")
-    s = t - 1 if s is None else s
-    pred_x0 = denoiser(x_t, t)
-    if clip is not None:
-        pred_x0 = clip(pred_x0)
     coef_x0, coef_xt, post_var = schedule.posterior(t, s)
     mean = append_dims(coef_x0, x_t) * pred_x0 + append_dims(coef_xt, x_t) * x_t
     var = post_var if variance == "small" else 1.0 - schedule.alpha_bar_at(t) / schedule.alpha_bar_at(s)
@@ -116,5 +113,63 @@ def reverse_step_mean_variance(schedule: NoiseSchedule, denoiser: Denoiser, x_t:
         one = torch.ones_like(t)
         _, _, first_var = schedule.posterior(one, one - 1)
         var = torch.where(final[:, None], first_var, var)
+    return mean, var
+
+
+def reverse_step_mean_variance(schedule: NoiseSchedule, denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor,
+                               s: torch.Tensor | None = None,
+                               clip: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                               variance: str = "large") -> dict[str, torch.Tensor]:
+    """cWDM's ``p_mean_variance``: denoise x_t, clip the x0 prediction, then
+    :func:`posterior_mean_variance` (s defaults to t - 1).
+
+    Returns ``pred_x0``, ``mean`` (B, C, d, h, w), ``variance``, ``log_variance`` (B, C, 1, 1, 1).
+    """
+    s = t - 1 if s is None else s
+    pred_x0 = denoiser(x_t, t)
+    if clip is not None:
+        pred_x0 = clip(pred_x0)
+    mean, var = posterior_mean_variance(schedule, x_t, pred_x0, t, s, variance)
     return {"pred_x0": pred_x0, "mean": mean, "variance": append_dims(var, x_t),
             "log_variance": append_dims(torch.log(var), x_t)}
+
+
+def ddpm_step(schedule: NoiseSchedule, x_t: torch.Tensor, pred_x0: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+              *, variance: str = "large", noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One ancestral (DDPM) step x_t -> x_s ~ N(mean, variance) of :func:`posterior_mean_variance`.
+
+    x_t, pred_x0 (the possibly clipped x0 estimate), noise: (B, C, d, h, w); t, s: (B,) step
+    indices with s < t, all equal across the batch. ``s = -1`` is the final step: it returns the
+    posterior mean (the x0 estimate itself) and needs no noise; otherwise ``noise`` (standard
+    normal) is required. Returns x_s, (B, C, d, h, w).
+    """
+    mean, var = posterior_mean_variance(schedule, x_t, pred_x0, t, s, variance)
+    if s[0] < 0:
+        return mean
+    if noise is None:
+        raise ValueError("ddpm_step: a step to s >= 0 needs noise")
+    return mean + append_dims(var, x_t).sqrt() * noise
+
+
+def ddim_step(x_t: torch.Tensor, pred_x0: torch.Tensor, alpha_bar_t: torch.Tensor, alpha_bar_s: torch.Tensor,
+              *, eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One DDIM step x_t -> x_s (Song et al. 2021, eq. 12), per band.
+
+    x_t, pred_x0 (the possibly clipped x0 estimate), noise: (B, C, d, h, w); alpha_bar_t,
+    alpha_bar_s: (B, C) cumulative signal fractions at t and at the target step s >= 0. The noise
+    estimate is recomputed from the x0 estimate, so clipping that mixes bands stays consistent.
+    eta = 0 is deterministic; eta = 1 gives DDPM's posterior variance and needs ``noise``
+    (standard normal). The last step of a sampler (to the clean end) is x0 = pred_x0 itself.
+    Returns x_s, (B, C, d, h, w).
+    """
+    if eta < 0:
+        raise ValueError(f"ddim_step: eta must be >= 0, got {eta}")
+    if eta > 0 and noise is None:
+        raise ValueError("ddim_step: eta > 0 needs noise")
+    ab_t, ab_s = append_dims(alpha_bar_t, x_t), append_dims(alpha_bar_s, x_t)
+    eps = (x_t - ab_t.sqrt() * pred_x0) / (1.0 - ab_t).sqrt()
+    sigma = eta * ((1 - ab_s) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_s).sqrt()
+    x_s = ab_s.sqrt() * pred_x0 + (1 - ab_s - sigma ** 2).clamp_min(0).sqrt() * eps
+    if eta > 0:
+        x_s = x_s + sigma * noise
+    return x_s

@@ -31,9 +31,10 @@ import torch
 
 from DWT_IDWT import BAND_NAMES
 
-from .diffusion import Denoiser, append_dims, randn
+from .diffusion import Denoiser, ddim_step, randn
 from .samplers import Clip, ddim_sample, respaced_steps
 from .schedules import NoiseSchedule
+from .seeding import indexed_generator
 
 BAND_GROUPS: tuple[tuple[str, ...], ...] = (
     ("LLL",), ("LLH", "LHL", "HLL"), ("LHH", "HLH", "HHL"), ("HHH",),
@@ -72,13 +73,12 @@ def power_steps(num_steps: int, k: int, rho: float) -> list[int]:
     return raw
 
 
-def _ddim_step(schedule: NoiseSchedule, x: torch.Tensor, pred_x0: torch.Tensor, t: int, s: int) -> torch.Tensor:
-    """Deterministic DDIM from step t to step s >= 0, written as in ``samplers.ddim_sample``."""
+def _ddim_to(schedule: NoiseSchedule, x: torch.Tensor, pred_x0: torch.Tensor, t: int, s: int) -> torch.Tensor:
+    """Deterministic :func:`~guided_diffusion.diffusion.ddim_step` from step t to step s >= 0."""
     b = x.shape[0]
-    ab_t = append_dims(schedule.alpha_bar_at(torch.full((b,), t, dtype=torch.long)), x)
-    ab_s = append_dims(schedule.alpha_bar_at(torch.full((b,), s, dtype=torch.long)), x)
-    eps = (x - ab_t.sqrt() * pred_x0) / (1.0 - ab_t).sqrt()
-    return ab_s.sqrt() * pred_x0 + (1 - ab_s).clamp_min(0).sqrt() * eps
+    ab_t = schedule.alpha_bar_at(torch.full((b,), t, dtype=torch.long))
+    ab_s = schedule.alpha_bar_at(torch.full((b,), s, dtype=torch.long))
+    return ddim_step(x, pred_x0, ab_t, ab_s)
 
 
 class _Case:
@@ -105,7 +105,7 @@ class _Search:
                 pred = self.clip(pred)
             xs.append(x)
             preds.append(pred)
-            x = _ddim_step(self.schedule, x, pred, t, steps[i + 1]) if i + 1 < len(steps) else pred
+            x = _ddim_to(self.schedule, x, pred, t, steps[i + 1]) if i + 1 < len(steps) else pred
         return x, xs, preds
 
     def evaluate(self, steps: list[int], j: int = 0):
@@ -118,7 +118,7 @@ class _Search:
             if j == 0:
                 x = case.x_T
             else:
-                x = _ddim_step(self.schedule, case.xs[j - 1], case.preds[j - 1], steps[j - 1], steps[j])
+                x = _ddim_to(self.schedule, case.xs[j - 1], case.preds[j - 1], steps[j - 1], steps[j])
             out, xs, preds = self.rollout(case, x, steps[j:])
             total += self.loss_fn(out, case.reference, case.data)
             tails.append((xs, preds))
@@ -195,7 +195,7 @@ def learn_timesteps(denoiser_factory: Callable[[dict], Denoiser], schedule: Nois
         x0 = data["x0"]
         x_T = data.get("x_T")
         if x_T is None:
-            x_T = randn(x0.shape, torch.Generator().manual_seed(seed + i), x0.device, x0.dtype)
+            x_T = randn(x0.shape, indexed_generator(seed, i), x0.device, x0.dtype)
         denoiser = denoiser_factory(data)
         if reference == "target":
             ref = x0

@@ -1,10 +1,12 @@
-"""Samplers: small functions over (denoiser, schedule, x_T, steps, generator, callback).
+"""Samplers: loops over (denoiser, schedule, x_T, steps) built on the single steps of
+:mod:`guided_diffusion.diffusion`, and the one registry that picks a loop by name.
 
 ``denoiser(x_t, t) -> pred_x0`` carries the network and its conditioning (see
 :func:`guided_diffusion.diffusion.make_denoiser`). ``steps`` is a strictly decreasing
 sequence of schedule step indices; the sampler makes one network evaluation per entry
 (NFE = len(steps)) and ends on the clean estimate. All formulas are per band, so the same
-code serves shared and per-band (FATS) schedules.
+code serves shared and per-band (FATS) schedules. Every loop has the signature
+``fn(denoiser, schedule, x_T, steps, *, generator=None, clip=None, callback=None, **options)``.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .diffusion import Denoiser, Generators, append_dims, randn, reverse_step_mean_variance
+from .diffusion import Denoiser, Generators, ddim_step, ddpm_step, randn
 from .schedules import NoiseSchedule
 
 Callback = Callable[[dict], None]
@@ -48,34 +50,35 @@ def _step_pairs(steps: list[int], x: torch.Tensor):
         yield i, torch.full((b,), t, dtype=torch.long), torch.full((b,), s, dtype=torch.long)
 
 
-def ddpm_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor,
-                steps: Sequence[int] | None = None, generator: Generators = None, clip: Clip | None = None,
-                variance: str = "large", callback: Callback | None = None) -> torch.Tensor:
-    """Ancestral sampling (DDPM). ``steps=None`` uses every step; a subset gives respaced DDPM.
+def ddpm_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, steps: Sequence[int] | None = None,
+                *, generator: Generators = None, clip: Clip | None = None, callback: Callback | None = None,
+                variance: str = "large") -> torch.Tensor:
+    """Ancestral sampling (DDPM) with :func:`~guided_diffusion.diffusion.ddpm_step`.
+    ``steps=None`` uses every step; a subset gives respaced DDPM.
 
     x_T: (B, C, d, h, w) pure noise. Returns the final x0 sample, same shape.
     """
     steps = _check_steps(schedule, steps)
     x = x_T
     for i, t, s in _step_pairs(steps, x):
-        out = reverse_step_mean_variance(schedule, denoiser, x, t, s, clip=clip, variance=variance)
-        if s[0] >= 0:
-            # Ancestral step: x_s ~ N(mean, variance).
-            x = out["mean"] + out["variance"].sqrt() * randn(x.shape, generator, x.device, x.dtype)
-        else:
-            x = out["mean"]  # posterior mean at s = -1 is the x0 estimate itself
+        pred_x0 = denoiser(x, t)
+        if clip is not None:
+            pred_x0 = clip(pred_x0)
+        noise = randn(x.shape, generator, x.device, x.dtype) if s[0] >= 0 else None
+        x = ddpm_step(schedule, x, pred_x0, t, s, variance=variance, noise=noise)
         if callback is not None:
-            callback({"i": i, "t": int(t[0]), "x": x, "pred_x0": out["pred_x0"]})
+            callback({"i": i, "t": int(t[0]), "x": x, "pred_x0": pred_x0})
     return x
 
 
 def ddim_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, steps: Sequence[int] | None = None,
-                eta: float = 0.0, generator: Generators = None, clip: Clip | None = None,
-                callback: Callback | None = None) -> torch.Tensor:
-    """DDIM (Song et al. 2021, eq. 12), per band, with the conditioning in the denoiser.
+                *, generator: Generators = None, clip: Clip | None = None, callback: Callback | None = None,
+                eta: float = 0.0) -> torch.Tensor:
+    """DDIM with :func:`~guided_diffusion.diffusion.ddim_step`, per band, with the conditioning in
+    the denoiser; the last step returns the (clipped) x0 estimate.
 
-    eta = 0 is deterministic; eta = 1 matches DDPM's posterior variance. The noise estimate
-    is recomputed from the (clipped) x0, so clipping that mixes bands stays consistent.
+    x_T: (B, C, d, h, w) pure noise. eta = 0 is deterministic; eta > 0 draws each step's noise
+    from ``generator``. Returns the final x0 sample, same shape.
     """
     if eta < 0:
         raise ValueError(f"ddim_sample: eta must be >= 0, got {eta}")
@@ -93,15 +96,9 @@ def ddim_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, 
         pred_x0 = denoiser(x, t_device[i].expand(b))
         if clip is not None:
             pred_x0 = clip(pred_x0)
-        ab_t = append_dims(ab_t_table[i].expand(b, -1), x)
-        # Noise implied by x_t and the (clipped) x0 estimate.
-        eps = (x - ab_t.sqrt() * pred_x0) / (1.0 - ab_t).sqrt()
         if s[0] >= 0:
-            ab_s = append_dims(ab_s_table[i].expand(b, -1), x)
-            sigma = eta * ((1 - ab_s) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_s).sqrt()
-            x = ab_s.sqrt() * pred_x0 + (1 - ab_s - sigma ** 2).clamp_min(0).sqrt() * eps
-            if eta > 0:
-                x = x + sigma * randn(x.shape, generator, x.device, x.dtype)
+            noise = randn(x.shape, generator, x.device, x.dtype) if eta > 0 else None
+            x = ddim_step(x, pred_x0, ab_t_table[i].expand(b, -1), ab_s_table[i].expand(b, -1), eta=eta, noise=noise)
         else:
             x = pred_x0
         if callback is not None:
@@ -109,17 +106,17 @@ def ddim_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, 
     return x
 
 
-SAMPLERS = ("ddpm", "ddim")
+SamplerFn = Callable[..., torch.Tensor]
+"""``fn(denoiser, schedule, x_T, steps, *, generator=None, clip=None, callback=None, **options)
+-> x0`` (B, C, d, h, w); options are the sampler's own (``variance`` for DDPM, ``eta`` for DDIM)."""
+
+SAMPLER_REGISTRY: dict[str, SamplerFn] = {"ddpm": ddpm_sample, "ddim": ddim_sample}
+"""The sampler loops by name; its keys equal ``config.SAMPLERS`` (checked by a test)."""
 
 
-def sample(denoiser: Denoiser, schedule: NoiseSchedule, shape: Sequence[int], *, sampler: str = "ddpm",
-           steps: Sequence[int] | None = None, eta: float = 0.0, generator: Generators = None,
-           clip: Clip | None = None, callback: Callback | None = None, device=None,
-           dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Draw x_T ~ N(0, I) of ``shape`` (per-case generators allowed) and run the named sampler."""
-    x_T = randn(shape, generator, device or "cpu", dtype)
-    if sampler == "ddpm":
-        return ddpm_sample(denoiser, schedule, x_T, steps, generator, clip, callback=callback)
-    if sampler == "ddim":
-        return ddim_sample(denoiser, schedule, x_T, steps, eta, generator, clip, callback)
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+def get_sampler(name: str) -> SamplerFn:
+    """The sampler loop called ``name`` (a key of :data:`SAMPLER_REGISTRY`)."""
+    try:
+        return SAMPLER_REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {tuple(SAMPLER_REGISTRY)}") from None

@@ -5,7 +5,6 @@ conditioning subbands -> sampler with the model's schedule -> IDWT -> [0, 1] vol
 """
 from __future__ import annotations
 
-import zlib
 from typing import Callable, Sequence
 
 import torch
@@ -15,14 +14,10 @@ from DWT_IDWT import clip_in_image_space, from_subbands, to_subbands
 from .checkpoints import LoadedModel
 from .conditioning import split_case
 from .config import SampleConfig
-from .diffusion import make_denoiser
-from .samplers import ddim_sample, ddpm_sample, respaced_steps
-from .diffusion import randn
-
-
-def case_generator(seed: int, case_id: str, device: str | torch.device = "cpu") -> torch.Generator:
-    """One generator per case, seeded from the run seed and the case id (batch-independent)."""
-    return torch.Generator(device).manual_seed((seed * 1_000_003 + zlib.crc32(case_id.encode())) % (2 ** 63))
+from .diffusion import make_denoiser, randn
+from .samplers import get_sampler, respaced_steps
+from .schedules import NoiseSchedule
+from .seeding import case_generator
 
 
 def learned_steps(loaded: LoadedModel, k: int) -> list[int] | None:
@@ -57,46 +52,50 @@ def choose_steps(loaded: LoadedModel, cfg: SampleConfig) -> tuple[list[int], str
 
 
 @torch.no_grad()
-def synthesize(loaded: LoadedModel, volumes: torch.Tensor, target: str, cfg: SampleConfig,
-               case_ids: Sequence[str], steps: Sequence[int] | None = None,
-               callback: Callable[[dict], None] | None = None) -> torch.Tensor:
-    """Synthesise ``target`` for a batch of cases.
+def synthesize_volumes(model: torch.nn.Module, schedule: NoiseSchedule, volumes: torch.Tensor, target: str,
+                       cfg: SampleConfig, case_ids: Sequence[str], steps: Sequence[int],
+                       callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+    """The synthesis pipeline on tensors: conditioning DWT (once), x_T from each case's generator,
+    the sampler ``cfg.sampler`` (with ``cfg.eta``, ``cfg.precision``, cWDM's clipping when
+    ``cfg.clip_denoised``) over ``steps``, IDWT, clamp to [0, 1].
 
     Args:
+        model: the x0-predicting network, its device is where the work runs.
         volumes: (B, 4, X, Y, Z) network-grid volumes in MODALITIES order (the target channel is
             ignored and may be zero).
-        case_ids: B ids; each case's noise comes from its own generator (seed, case id).
+        case_ids: B ids; each case's noise comes from its own generator (``cfg.seed``, case id).
+        steps: strictly decreasing schedule step indices (one network evaluation each).
+        callback: the sampler's per-step callback, called for every case.
     Returns:
-        (B, X, Y, Z) float32 synthesis in [0, 1] on the network grid, on the CPU.
+        (B, X, Y, Z) float32 synthesis in [0, 1] on the network grid, on the model's device.
 
     The cases are sampled one at a time: batched kernels (oneDNN convolutions, GEMMs) round
     differently for different batch sizes, so only this makes a case's result independent of the
-    batch it is in bit for bit (its noise already is). ``callback`` is called per case.
+    batch it is in bit for bit (its noise already is).
     """
     if len(case_ids) != volumes.shape[0]:
         raise ValueError(f"synthesize: {len(case_ids)} case ids for a batch of {volumes.shape[0]}")
     if volumes.shape[0] > 1:
-        return torch.cat([synthesize(loaded, volumes[i : i + 1], target, cfg, case_ids[i : i + 1], steps, callback)
-                          for i in range(volumes.shape[0])])
-    device = next(loaded.model.parameters()).device
-    if steps is None:
-        steps, _ = choose_steps(loaded, cfg)
+        return torch.cat([synthesize_volumes(model, schedule, volumes[i : i + 1], target, cfg, case_ids[i : i + 1],
+                                             steps, callback) for i in range(volumes.shape[0])])
+    device = next(model.parameters()).device
     _, cond_volumes = split_case(volumes.to(device), target)
     cond = to_subbands(cond_volumes.float())  # computed once, outside the sampling loop
-    denoiser = make_denoiser(loaded.model, loaded.schedule, cond)
-    if cfg.precision == "bf16":
-        inner = denoiser
-
-        def denoiser(x_t, t):
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                return inner(x_t, t).float()
-
+    denoiser = make_denoiser(model, schedule, cond, precision=cfg.precision)
     generators = [case_generator(cfg.seed, cid) for cid in case_ids]
-    shape = (volumes.shape[0], loaded.schedule.n_bands, *cond.shape[2:])
-    x_T = randn(shape, generators, device)
-    clip = clip_in_image_space if cfg.clip_denoised else None
-    if cfg.sampler == "ddpm":
-        x0 = ddpm_sample(denoiser, loaded.schedule, x_T, steps, generators, clip, callback=callback)
-    else:
-        x0 = ddim_sample(denoiser, loaded.schedule, x_T, steps, cfg.eta, generators, clip, callback)
-    return from_subbands(x0).clamp(0.0, 1.0)[:, 0].float().cpu()
+    x_T = randn((volumes.shape[0], schedule.n_bands, *cond.shape[2:]), generators, device)
+    options = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
+    x0 = get_sampler(cfg.sampler)(denoiser, schedule, x_T, steps, generator=generators,
+                                  clip=clip_in_image_space if cfg.clip_denoised else None, callback=callback,
+                                  **options)
+    return from_subbands(x0).clamp(0.0, 1.0)[:, 0].float()
+
+
+def synthesize(loaded: LoadedModel, volumes: torch.Tensor, target: str, cfg: SampleConfig,
+               case_ids: Sequence[str], steps: Sequence[int] | None = None,
+               callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+    """:func:`synthesize_volumes` with a loaded checkpoint's model and schedule, the steps of
+    :func:`choose_steps` unless given; returns (B, X, Y, Z) float32 in [0, 1] on the CPU."""
+    if steps is None:
+        steps, _ = choose_steps(loaded, cfg)
+    return synthesize_volumes(loaded.model, loaded.schedule, volumes, target, cfg, case_ids, steps, callback).cpu()

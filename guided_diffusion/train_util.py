@@ -1,4 +1,4 @@
-"""The training loop: AdamW, EMA, bf16 autocast, DDP (torchrun), checkpoints, TensorBoard.
+"""The training loop: AdamW, EMA, bf16 (through the denoiser), DDP (torchrun), checkpoints, TensorBoard.
 
 Randomness is a pure function of (seed, step, rank): the batch order, the timesteps and the
 noise of step s are drawn from generators seeded with those, so a run resumed from the
@@ -19,13 +19,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from DWT_IDWT import from_subbands, to_subbands
+from DWT_IDWT import BAND_NAMES, from_subbands, to_subbands
 
 from .checkpoints import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from .conditioning import split_case
-from .config import DiffusionConfig, ModelConfig, TrainConfig, build_model, build_schedule
+from .config import DiffusionConfig, ModelConfig, TrainConfig
 from .diffusion import training_losses
+from .factory import build_model, build_schedule
+from .fats import ramped_shifts
 from .schedules import NoiseSchedule
+from .seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +39,6 @@ LAST_GOOD = "last_good.pt"
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/Inf; the last good state was saved."""
-
-
-def _seed_for(*parts: int) -> int:
-    """A 63-bit seed mixing integers (stable across runs and machines)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (p + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0x7FFFFFFFFFFFFFFF
-    return h
 
 
 class StepBatchSampler(Sampler[list[int]]):
@@ -60,7 +55,7 @@ class StepBatchSampler(Sampler[list[int]]):
         for j in range(self.batch):
             pos = step * per_step + self.rank * self.batch + j
             epoch, k = divmod(pos, self.n)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(_seed_for(self.seed, epoch)))
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch)))
             out.append(int(perm[k]))
         return out
 
@@ -126,7 +121,7 @@ class Trainer:
         self.device = self.dist.device
         self.train_set, self.val_set = train_set, val_set
         self.extra = dict(extra or {})
-        torch.manual_seed(_seed_for(train_cfg.seed, 0))  # identical initial weights on every rank
+        torch.manual_seed(derive_seed(train_cfg.seed, 0))  # identical initial weights on every rank
         self.model = build_model(model_cfg).to(self.device)
         self.target_schedule = schedule or build_schedule(diffusion_cfg)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
@@ -189,8 +184,6 @@ class Trainer:
         ramp = self.cfg.shift_ramp_steps
         if not ramp or self.diffusion_cfg.kind != "fats" or step >= ramp:
             return self.target_schedule
-        from .fats import ramped_shifts
-
         shifts = ramped_shifts(torch.tensor(self.diffusion_cfg.band_shifts), step, ramp)
         return build_schedule(replace(self.diffusion_cfg, band_shifts=tuple(float(s) for s in shifts)))
 
@@ -198,10 +191,6 @@ class Trainer:
         volumes = batch["volumes"].to(self.device, non_blocking=True)
         target, cond = split_case(volumes, self.cfg.target_modality)
         return to_subbands(target), to_subbands(cond)
-
-    def _autocast(self):
-        enabled = self.cfg.precision == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _update_ema(self) -> None:
         rate = self.cfg.ema_rate
@@ -212,13 +201,13 @@ class Trainer:
     def train_step(self, batch: dict) -> dict:
         x0, cond = self._batch_to_subbands(batch)
         schedule = self._schedule_at(self.step)
-        gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, self.step, self.dist.rank, 1))
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, self.step, self.dist.rank, 1))
         t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=gen)
         noise = torch.randn(x0.shape, generator=gen).to(self.device)
         weights = torch.tensor(self.cfg.band_weights) if self.cfg.band_weights else None
         self.model.train()
-        with self._autocast():
-            out = training_losses(self.ddp_model, schedule, x0, cond, t.to(self.device), noise, band_weights=weights)
+        out = training_losses(self.ddp_model, schedule, x0, cond, t.to(self.device), noise, band_weights=weights,
+                              precision=self.cfg.precision)
         loss = out["loss"].mean()
         self._stop_unless_finite(loss.detach(), "loss")
         self.optimizer.zero_grad(set_to_none=True)
@@ -255,11 +244,11 @@ class Trainer:
         ts = torch.linspace(0, schedule.num_steps - 1, n_timesteps).round().long()
         for i in range(len(self.val_set)):
             x0, cond = self._batch_to_subbands(_collate([self.val_set[i]]))
-            gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, i, 2))
+            gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, i, 2))
             for t in ts:
                 noise = torch.randn(x0.shape, generator=gen).to(self.device)
-                with self._autocast():
-                    out = training_losses(self.ema, schedule, x0, cond, t.view(1).to(self.device), noise)
+                out = training_losses(self.ema, schedule, x0, cond, t.view(1).to(self.device), noise,
+                                      precision=self.cfg.precision)
                 losses.append(out["loss"].float().mean().item())
         return sum(losses) / len(losses)
 
@@ -310,7 +299,7 @@ class Trainer:
                 if self.dist.is_main:
                     writer = self._tb()
                     writer.add_scalar("loss/total", result.loss, self.step)
-                    for name, value in zip(("LLL", "LLH", "LHL", "LHH", "HLL", "HLH", "HHL", "HHH"), result.per_band):
+                    for name, value in zip(BAND_NAMES, result.per_band):
                         writer.add_scalar(f"loss/band_{name}", value, self.step)
                     writer.add_scalar("lr", result.lr, self.step)
                     writer.add_scalar("steps_per_s", result.steps_per_s, self.step)

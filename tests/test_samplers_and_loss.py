@@ -1,11 +1,15 @@
 """Samplers in i2i mode, the training loss, and the config round trip, on tiny shapes."""
+import inspect
+
 import pytest
 import torch
 
 from DWT_IDWT import clip_in_image_space
-from guided_diffusion.config import ConfigError, DiffusionConfig, ModelConfig, build_model, build_schedule
-from guided_diffusion.diffusion import make_denoiser, training_losses
-from guided_diffusion.samplers import ddim_sample, ddpm_sample, respaced_steps, sample
+
+from guided_diffusion.config import SAMPLERS, ConfigError, DiffusionConfig, ModelConfig
+from guided_diffusion.diffusion import (ddim_step, ddpm_step, make_denoiser, q_sample, randn, training_losses)
+from guided_diffusion.factory import build_model, build_schedule
+from guided_diffusion.samplers import SAMPLER_REGISTRY, ddim_sample, ddpm_sample, get_sampler, respaced_steps
 from guided_diffusion.schedules import linear
 
 SHAPE = (2, 8, 4, 4, 4)
@@ -50,12 +54,82 @@ def test_deterministic_ddim_with_a_perfect_denoiser_recovers_x0():
 def test_per_case_generators_make_samples_independent_of_the_batch(setup):
     model, schedule, cond = setup
     steps = respaced_steps(1000, 2)
+
+    def run(cond, seeds):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        x_T = randn((len(seeds), *SHAPE[1:]), generators, "cpu")
+        return get_sampler("ddpm")(make_denoiser(model, schedule, cond), schedule, x_T, steps, generator=generators)
+
     with torch.no_grad():
-        both = sample(make_denoiser(model, schedule, cond), schedule, SHAPE, sampler="ddpm", steps=steps,
-                      generator=[torch.Generator().manual_seed(s) for s in (10, 11)])
-        alone = sample(make_denoiser(model, schedule, cond[1:]), schedule, (1, *SHAPE[1:]), sampler="ddpm",
-                       steps=steps, generator=[torch.Generator().manual_seed(11)])
+        both, alone = run(cond, (10, 11)), run(cond[1:], (11,))
     torch.testing.assert_close(both[1:], alone, atol=1e-6, rtol=0)
+
+
+def test_one_sampler_registry_with_one_signature():
+    assert tuple(SAMPLER_REGISTRY) == SAMPLERS  # the names configs validate against
+    for name, fn in SAMPLER_REGISTRY.items():
+        assert get_sampler(name) is fn
+        params = list(inspect.signature(fn).parameters.values())
+        assert [p.name for p in params[:4]] == ["denoiser", "schedule", "x_T", "steps"]
+        assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params[:4])
+        assert all(p.kind is p.KEYWORD_ONLY for p in params[4:])
+        assert {"generator", "clip", "callback"} <= {p.name for p in params[4:]}
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        get_sampler("euler")
+
+
+def test_ddim_step_with_the_true_x0_moves_along_the_forward_process():
+    """Deterministic DDIM keeps the noise of x_t: from q(x_t | x0, eps) it lands on q(x_s | x0, eps)."""
+    schedule = linear()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    t, s = torch.tensor([900, 400]), torch.tensor([500, 10])
+    x_s = ddim_step(q_sample(schedule, x0, t, eps), x0, schedule.alpha_bar_at(t), schedule.alpha_bar_at(s))
+    torch.testing.assert_close(x_s, q_sample(schedule, x0, s, eps), atol=1e-5, rtol=1e-5)
+
+
+def test_ddim_with_eta_one_is_the_ddpm_posterior_step():
+    """DDIM eq. 16: eta = 1 gives the DDPM posterior (mean and "small" variance), also over skipped steps."""
+    schedule = linear()
+    g = torch.Generator().manual_seed(1)
+    x_t, pred_x0, noise = torch.randn(SHAPE, generator=g), torch.rand(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    t, s = torch.tensor([700, 700]), torch.tensor([300, 300])
+    ddim = ddim_step(x_t, pred_x0, schedule.alpha_bar_at(t), schedule.alpha_bar_at(s), eta=1.0, noise=noise)
+    ddpm = ddpm_step(schedule, x_t, pred_x0, t, s, variance="small", noise=noise)
+    torch.testing.assert_close(ddim, ddpm, atol=1e-5, rtol=1e-5)
+    # the "large" variance (cWDM's) adds more noise around the same mean
+    large = ddpm_step(schedule, x_t, pred_x0, t, s, variance="large", noise=noise)
+    mean = ddpm_step(schedule, x_t, pred_x0, t, s, variance="small", noise=torch.zeros(SHAPE))
+    assert (large - mean).norm() > (ddpm - mean).norm()
+    with pytest.raises(ValueError, match="needs noise"):
+        ddpm_step(schedule, x_t, pred_x0, t, s)
+    with pytest.raises(ValueError, match="needs noise"):
+        ddim_step(x_t, pred_x0, schedule.alpha_bar_at(t), schedule.alpha_bar_at(s), eta=0.5)
+
+
+def test_the_final_ddpm_step_returns_the_x0_estimate():
+    schedule = linear()
+    x_t, pred_x0 = torch.randn(SHAPE), torch.rand(SHAPE)
+    out = ddpm_step(schedule, x_t, pred_x0, torch.tensor([0, 0]), torch.tensor([-1, -1]))
+    torch.testing.assert_close(out, pred_x0)
+
+
+def test_bf16_precision_lives_in_the_denoiser(setup):
+    """``precision="bf16"`` gives the same bits as autocast around the whole loss (the old call sites),
+    returns float32, and ``"fp32"`` does not switch off an autocast opened outside."""
+    model, schedule, cond = setup
+    g = torch.Generator().manual_seed(3)
+    x0, noise, t = torch.rand(SHAPE, generator=g), torch.randn(SHAPE, generator=g), torch.tensor([3, 700])
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outside = training_losses(model, schedule, x0, cond, t, noise)
+        inside = training_losses(model, schedule, x0, cond, t, noise, precision="bf16")
+        fp32 = training_losses(model, schedule, x0, cond, t, noise)
+    assert inside["pred_x0"].dtype == torch.float32
+    assert torch.equal(inside["pred_x0"], outside["pred_x0"]) and torch.equal(inside["loss"], outside["loss"])
+    assert not torch.equal(inside["pred_x0"], fp32["pred_x0"])
+    with pytest.raises(ValueError, match="precision"):
+        make_denoiser(model, schedule, cond, precision="fp16")
 
 
 def test_bad_step_lists_are_rejected(setup):
