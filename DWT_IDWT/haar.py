@@ -72,35 +72,3 @@ def idwt3(bands: torch.Tensor) -> torch.Tensor:
     bank = _haar_bank(bands.dtype, bands.device).reshape(8, 8)
     blocks = torch.matmul(bank.T, bands.reshape(b * c, 8, -1)).reshape(b * c, 2, 2, 2, d, h, w)
     return blocks.permute(0, 4, 1, 5, 2, 6, 3).reshape(b, c, 2 * d, 2 * h, 2 * w)
-
-
-def wavedec3(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Multi-level decomposition: repeatedly transforms the LLL band.
-
-    Args:
-        x: (B, C, D, H, W), each spatial size divisible by 2**levels.
-    Returns:
-        (approximation (B, C, D/2^L, ...), details) where ``details[i]`` is
-        (B, 7 * C, ...) for level i + 1 (finest first), bands LLH..HHH per channel.
-    """
-    if levels < 1:
-        raise ValueError(f"wavedec3: levels must be >= 1, got {levels}")
-    details = []
-    approx = x
-    for _ in range(levels):
-        bands = dwt3(approx)
-        b, c8 = bands.shape[:2]
-        grouped = bands.reshape(b, c8 // 8, 8, *bands.shape[2:])
-        approx = grouped[:, :, 0]
-        details.append(grouped[:, :, 1:].reshape(b, 7 * (c8 // 8), *bands.shape[2:]))
-    return approx, details
-
-
-def waverec3(approx: torch.Tensor, details: list[torch.Tensor]) -> torch.Tensor:
-    """Inverse of :func:`wavedec3`."""
-    x = approx
-    for detail in reversed(details):
-        b, c = x.shape[:2]
-        grouped = torch.cat([x.unsqueeze(2), detail.reshape(b, c, 7, *detail.shape[2:])], dim=2)
-        x = idwt3(grouped.reshape(b, 8 * c, *detail.shape[2:]))
-    return x

@@ -33,7 +33,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from benchmarks.common import RESULTS_DIR, machine  # noqa: E402
-from guided_diffusion.config import save_json  # noqa: E402
+from guided_diffusion.fileio import save_json  # noqa: E402
 
 KIB = 1024
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}  # see the module docstring
@@ -55,7 +55,7 @@ def make_inputs(work: Path, n_cases: int, size: float, preset_name: str) -> tupl
     from guided_diffusion.bratsloader import Geometry
     from guided_diffusion.checkpoints import save_checkpoint
     from guided_diffusion.conditioning import MODALITIES
-    from guided_diffusion.config import build_model, build_schedule
+    from guided_diffusion.factory import build_model, build_schedule
     from guided_diffusion.demo_data import PSEUDO, make_demo_dataset
     from guided_diffusion.presets import get_preset
 

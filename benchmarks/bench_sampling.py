@@ -56,7 +56,7 @@ from benchmarks.bench_train_step import (  # noqa: E402
 )
 from benchmarks.common import RESULTS_DIR, machine, sync  # noqa: E402
 from DWT_IDWT import clip_in_image_space, from_subbands, to_subbands  # noqa: E402
-from guided_diffusion.config import build_model  # noqa: E402
+from guided_diffusion.factory import build_model  # noqa: E402
 from guided_diffusion.diffusion import make_denoiser, randn  # noqa: E402
 from guided_diffusion.samplers import ddim_sample, ddpm_sample, respaced_steps  # noqa: E402
 from guided_diffusion.schedules import linear  # noqa: E402

@@ -54,7 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS_DIR, machine, sync, write_result  # noqa: E402
 from DWT_IDWT import to_subbands  # noqa: E402
 from guided_diffusion.conditioning import split_case  # noqa: E402
-from guided_diffusion.config import ModelConfig, build_model  # noqa: E402
+from guided_diffusion.config import ModelConfig  # noqa: E402
+from guided_diffusion.factory import build_model  # noqa: E402
 from guided_diffusion.diffusion import training_losses  # noqa: E402
 from guided_diffusion.presets import DEMO_MODEL, TINY_MODEL  # noqa: E402
 from guided_diffusion.schedules import linear  # noqa: E402

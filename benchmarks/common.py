@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from guided_diffusion.config import save_json
+from guided_diffusion.fileio import save_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -39,7 +39,8 @@ from benchmarks.common import RESULTS_DIR, machine  # noqa: E402
 from DWT_IDWT import clip_in_image_space, from_subbands, to_subbands  # noqa: E402
 from guided_diffusion.bratsloader import BratsDataset, Geometry, discover_cases  # noqa: E402
 from guided_diffusion.conditioning import cond_modalities, modality_index, split_case  # noqa: E402
-from guided_diffusion.config import DiffusionConfig, TrainConfig, save_json  # noqa: E402
+from guided_diffusion.config import DiffusionConfig, TrainConfig  # noqa: E402
+from guided_diffusion.fileio import save_json  # noqa: E402
 from guided_diffusion.demo_data import make_demo_dataset  # noqa: E402
 from guided_diffusion.diffusion import make_denoiser, randn  # noqa: E402
 from guided_diffusion.fats_training import fit_sampling_steps, held_out_cases, prepare_fats_schedule  # noqa: E402
@@ -48,7 +49,7 @@ from guided_diffusion.metrics import evaluate_case  # noqa: E402
 from guided_diffusion.presets import DEMO_MODEL, TINY_MODEL  # noqa: E402
 from guided_diffusion.samplers import ddim_sample, ddpm_sample, respaced_steps  # noqa: E402
 from guided_diffusion.schedules import NoiseSchedule, linear  # noqa: E402
-from guided_diffusion.synthesis import case_generator  # noqa: E402
+from guided_diffusion.seeding import case_generator  # noqa: E402
 from guided_diffusion.train_util import Trainer  # noqa: E402
 
 logger = logging.getLogger("fats_ablation")
@@ -275,7 +276,7 @@ def plot(records, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from guided_diffusion.checkpoints import atomic_write
+    from guided_diffusion.fileio import atomic_write
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for variant in dict.fromkeys(r["variant"] for r in records):

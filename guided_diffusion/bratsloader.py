@@ -21,7 +21,6 @@ import gzip
 import logging
 import os
 import stat
-import tempfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,7 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from guided_diffusion.conditioning import MODALITIES
+from guided_diffusion.constants import MODALITIES
+from guided_diffusion.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -518,20 +518,11 @@ class BratsDataset(Dataset):
 def write_nifti(
     path: str | os.PathLike, image: nib.Nifti1Image, *, overwrite: bool = False
 ) -> Path:
-    """Save ``image`` atomically: a temporary file in the same folder, then ``os.replace``."""
+    """Save ``image`` atomically (``fileio.atomic_write``; the temporary name keeps the NIfTI suffix)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"bratsloader.py: {path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=NIFTI_SUFFIX)
-    os.close(fd)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: nib.save(image, tmp), suffix=NIFTI_SUFFIX)
 
 
 def save_volume(

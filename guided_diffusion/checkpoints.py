@@ -15,14 +15,15 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import DiffusionConfig, ModelConfig, build_model, build_schedule
+from .config import ConfigError, DiffusionConfig, ModelConfig
+from .factory import build_model, build_schedule
+from .fileio import atomic_write, save_json
 from .schedules import NoiseSchedule
 
 FORMAT = "fast-cwdm/1"
@@ -33,30 +34,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be read or does not fit; the message names the file and the problem."""
 
 
-def atomic_write(path: str | Path, write_fn) -> Path:
-    """Call ``write_fn(tmp_path)`` on a temporary file in the target folder, then rename it over
-    ``path``; an interrupted write never leaves a partial file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
     """Atomically save a checkpoint dict and write its resolved config as JSON next to it."""
     checkpoint = {"format": FORMAT, **checkpoint}
     path = atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
-    from .config import save_json
-
     save_json(checkpoint.get("config", {}), path.with_suffix(".json"))
     return path
 
@@ -153,6 +134,30 @@ def infer_cwdm_model_config(state: dict[str, torch.Tensor], num_groups: int = CW
         if expected == {k: tuple(v.shape) for k, v in state.items()}:
             return cfg
     raise CheckpointError(f"state dict does not match any cWDM UNet layout (1-4 res blocks per level){group_problem}")
+
+
+def model_config_from_cwdm_args(args: dict[str, Any]) -> ModelConfig:
+    """Translate cWDM's argparse model arguments (its ``model_and_diffusion_defaults``) into a
+    :class:`ModelConfig`. Parameter names need no conversion: :class:`UNet3D` keeps cWDM's.
+
+    Refuses the cWDM options this UNet does not implement instead of silently ignoring them.
+    """
+    unsupported = {
+        "attention_resolutions": "", "use_scale_shift_norm": False, "resblock_updown": True, "dims": 3,
+        "bottleneck_attention": False, "additive_skips": False, "use_freq": False, "class_cond": False,
+        "learn_sigma": False,
+    }
+    for key, supported in unsupported.items():
+        if key in args and args[key] != supported:
+            raise ConfigError(f"cWDM option {key}={args[key]!r} is not supported (only {supported!r})")
+    mult = args.get("channel_mult", "1,2,2,4,4")
+    mult = tuple(int(m) for m in mult.split(",")) if isinstance(mult, str) else tuple(mult)
+    return ModelConfig(
+        num_channels=int(args.get("num_channels", 64)), channel_mult=mult,
+        num_res_blocks=int(args.get("num_res_blocks", 2)), num_groups=int(args.get("num_groups", 32)),
+        in_channels=int(args.get("in_channels", 32)), out_channels=int(args.get("out_channels", 8)),
+        dropout=float(args.get("dropout", 0.0)), use_checkpoint=bool(args.get("use_checkpoint", False)),
+    )
 
 
 def describe_config_difference(expected: dict, found: dict) -> list[str]:

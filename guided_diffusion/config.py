@@ -1,14 +1,16 @@
-"""Typed, validated configs (one per concern), JSON round trip, and the model/schedule factory."""
+"""Typed, validated configs (one per concern) and their JSON round trip: pure data.
+
+Layer 1: imports only :mod:`guided_diffusion.constants`. Building a model or a schedule from
+these configs is :mod:`guided_diffusion.factory`'s job.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-SCHEDULE_KINDS = ("linear", "cosine", "fast_direct", "fast_sampled", "fats")
-FATS_BASES = ("linear", "cosine")  # base curves a FATS schedule shifts per band
+from .constants import FATS_BASES, MODALITIES, PRECISIONS, REFERENCE_STEPS, SAMPLERS, SCHEDULE_KINDS
 
 
 class ConfigError(ValueError):
@@ -16,7 +18,13 @@ class ConfigError(ValueError):
 
 
 class _JsonConfig:
-    """Mixin: ``to_dict`` / ``from_dict`` / ``to_json`` / ``from_json`` with unknown-key checks."""
+    """Mixin: ``to_dict`` / ``from_dict`` / ``to_json`` / ``from_json`` with unknown-key checks.
+
+    ``retired_keys``: fields that older versions wrote and nothing reads any more; ``from_dict``
+    accepts and drops them, so configs stored in old checkpoints still load.
+    """
+
+    retired_keys: ClassVar[frozenset[str]] = frozenset()
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -24,6 +32,7 @@ class _JsonConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
         names = {f.name for f in dataclasses.fields(cls)}
+        data = {key: value for key, value in data.items() if key not in cls.retired_keys}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"{cls.__name__}: unknown keys {unknown}")
@@ -84,17 +93,18 @@ class ModelConfig(_JsonConfig):
 class DiffusionConfig(_JsonConfig):
     """The noise schedule and its training / sampling conventions.
 
-    kind: ``linear`` (cWDM, ``steps`` = 1000), ``cosine``, ``fast_direct`` (the linear
+    kind: ``linear`` (cWDM, ``steps`` = 1000 only), ``cosine``, ``fast_direct`` (the linear
     schedule rescaled to ``steps``), ``fast_sampled`` (``steps`` + 1 points of the 1000-step
     linear curve, Fast-DDPM's uniform choice, including t = 0), ``fats`` (per-band shifts).
     """
+
+    retired_keys: ClassVar[frozenset[str]] = frozenset({"clip_denoised"})  # clipping is SampleConfig's
 
     kind: str = "linear"
     steps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
     n_bands: int = 8
-    clip_denoised: bool = True  # cWDM's IDWT -> clamp [0, 1] -> DWT of every x0 prediction
     band_shifts: tuple[float, ...] = field(default_factory=tuple)  # FATS log-SNR shifts, one per band
     max_shift: float = 4.0
     fats_base: str = "linear"  # FATS base log-SNR curve: "linear" (with beta_start/end) or "cosine"
@@ -102,6 +112,10 @@ class DiffusionConfig(_JsonConfig):
     def __post_init__(self):
         if self.kind not in SCHEDULE_KINDS:
             raise ConfigError(f"DiffusionConfig: kind must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
+        if self.kind == "linear" and self.steps != REFERENCE_STEPS:
+            raise ConfigError(f"DiffusionConfig: kind 'linear' is the {REFERENCE_STEPS}-step schedule, got "
+                              f"steps={self.steps}; use kind 'fast_direct' for the linear schedule rescaled to "
+                              f"{self.steps} steps")
         if self.steps < 1:
             raise ConfigError(f"DiffusionConfig: steps must be >= 1, got {self.steps}")
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
@@ -116,10 +130,6 @@ class DiffusionConfig(_JsonConfig):
             raise ConfigError(f"DiffusionConfig: |band_shifts| must be <= max_shift={self.max_shift}: {self.band_shifts}")
         if self.fats_base not in FATS_BASES:
             raise ConfigError(f"DiffusionConfig: fats_base must be one of {FATS_BASES}, got {self.fats_base!r}")
-
-
-PRECISIONS = ("fp32", "bf16")
-MODALITY_NAMES = ("t1n", "t1c", "t2w", "t2f")
 
 
 @dataclass(frozen=True)
@@ -149,8 +159,8 @@ class TrainConfig(_JsonConfig):
     init_from: str = ""  # start from these weights (e.g. cWDM's), not a resume
 
     def __post_init__(self):
-        if self.target_modality not in MODALITY_NAMES:
-            raise ConfigError(f"TrainConfig: target_modality must be one of {MODALITY_NAMES}, got {self.target_modality!r}")
+        if self.target_modality not in MODALITIES:
+            raise ConfigError(f"TrainConfig: target_modality must be one of {MODALITIES}, got {self.target_modality!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"TrainConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("batch_size", "max_steps", "save_interval", "log_interval"):
@@ -164,81 +174,23 @@ class TrainConfig(_JsonConfig):
             raise ConfigError(f"TrainConfig: band_weights needs 8 non-negative values, got {self.band_weights}")
 
 
-SAMPLERS = ("ddpm", "ddim")
-
-
 @dataclass(frozen=True)
 class SampleConfig(_JsonConfig):
     """How to synthesise: sampler, step budget, clipping, seed, precision."""
 
+    retired_keys: ClassVar[frozenset[str]] = frozenset({"batch_size"})  # was never read
+
     sampler: str = "ddim"
     steps: int = 0  # network evaluations; 0 = the schedule's default (all steps, or learned FATS steps)
     eta: float = 0.0
-    clip_denoised: bool = True
+    clip_denoised: bool = True  # cWDM: IDWT -> clamp to [0, 1] -> DWT of every x0 prediction
     seed: int = 0
     precision: str = "fp32"
-    batch_size: int = 1
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"SampleConfig: sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.steps < 0 or self.eta < 0 or self.batch_size < 1:
-            raise ConfigError(f"SampleConfig: need steps >= 0, eta >= 0, batch_size >= 1: {self}")
+        if self.steps < 0 or self.eta < 0:
+            raise ConfigError(f"SampleConfig: need steps >= 0 and eta >= 0: {self}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"SampleConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
-
-
-def save_json(obj: dict[str, Any], path: str | Path) -> None:
-    """Write a JSON file atomically (temporary file in the same folder, then rename)."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def build_model(cfg: ModelConfig):
-    """The UNet for a model config."""
-    from .unet import UNet3D
-
-    return UNet3D(cfg)
-
-
-def build_schedule(cfg: DiffusionConfig):
-    """The noise schedule object for a diffusion config."""
-    from .schedules import schedule_from_config
-
-    return schedule_from_config(cfg)
-
-
-def model_config_from_cwdm_args(args: dict[str, Any]) -> ModelConfig:
-    """Translate cWDM's argparse model arguments (its ``model_and_diffusion_defaults``) into a
-    :class:`ModelConfig`. Parameter names need no conversion: :class:`UNet3D` keeps cWDM's.
-
-    Refuses the cWDM options this UNet does not implement instead of silently ignoring them.
-    """
-    unsupported = {
-        "attention_resolutions": "", "use_scale_shift_norm": False, "resblock_updown": True, "dims": 3,
-        "bottleneck_attention": False, "additive_skips": False, "use_freq": False, "class_cond": False,
-        "learn_sigma": False,
-    }
-    for key, supported in unsupported.items():
-        if key in args and args[key] != supported:
-            raise ConfigError(f"cWDM option {key}={args[key]!r} is not supported (only {supported!r})")
-    mult = args.get("channel_mult", "1,2,2,4,4")
-    mult = tuple(int(m) for m in mult.split(",")) if isinstance(mult, str) else tuple(mult)
-    return ModelConfig(
-        num_channels=int(args.get("num_channels", 64)), channel_mult=mult,
-        num_res_blocks=int(args.get("num_res_blocks", 2)), num_groups=int(args.get("num_groups", 32)),
-        in_channels=int(args.get("in_channels", 32)), out_channels=int(args.get("out_channels", 8)),
-        dropout=float(args.get("dropout", 0.0)), use_checkpoint=bool(args.get("use_checkpoint", False)),
-    )

@@ -22,12 +22,10 @@ Layout written by ``make_demo_dataset``: ``training/`` (4 modalities + seg),
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import shutil
 import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +37,9 @@ from scipy.special import expit
 from guided_diffusion.bratsloader import (
     SEG, CaseError, Geometry, common_geometry, discover_cases, expected_path, write_nifti,
 )
-from guided_diffusion.conditioning import MODALITIES
+from guided_diffusion.constants import MODALITIES
+from guided_diffusion.fileio import save_json
+from guided_diffusion.seeding import case_seed_words
 
 logger = logging.getLogger(__name__)
 
@@ -311,16 +311,6 @@ def _publish(staged: Path, final: Path) -> None:
         os.replace(staged, final)
 
 
-def _case_seed(seed: int, case_id: str) -> list[int]:
-    return [seed, zlib.crc32(case_id.encode())]
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def drop_modalities(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -357,13 +347,13 @@ def drop_modalities(
     try:
         missing = {}
         for case in cases:
-            rng = np.random.default_rng(_case_seed(seed, case.case_id))
+            rng = np.random.default_rng(case_seed_words(seed, case.case_id))
             missing[case.case_id] = MODALITIES[rng.integers(len(MODALITIES))]
             (staging / case.case_id).mkdir()
             for name, path in case.files.items():
                 if name != missing[case.case_id] and (name != SEG or keep_seg):
                     shutil.copyfile(path, staging / case.case_id / path.name)
-        _write_json(staging / MISSING_JSON, missing)
+        save_json(missing, staging / MISSING_JSON)
         _publish(staging, dst)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -407,7 +397,7 @@ def make_demo_dataset(
             written[split] = []
             for i in range(n):
                 case_id = CASE_ID.format(SPLIT_CODE[split] * MAX_CASES_PER_SPLIT + i)
-                rng = np.random.default_rng(_case_seed(seed, case_id))
+                rng = np.random.default_rng(case_seed_words(seed, case_id))
                 volumes, seg = simulate_case(template, rng)
                 seg = None if split == VALID else seg  # BraTS validation has no seg
                 write_case(folder / case_id, volumes, seg, template.affine)

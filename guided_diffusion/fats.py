@@ -1,17 +1,17 @@
-"""FATS: Frequency-Adaptive Timestep Scheduling (see ../shared/design/FATS.md).
+"""FATS: Frequency-Adaptive Timestep Scheduling (see docs/fats.md), statistics and state.
 
-This module holds the parts that shape the *schedule*:
+Layer 1 (imports only ``DWT_IDWT``). This module holds the data FATS derives a schedule from:
 
 * :func:`band_energy_stats`: per-band mean energy E_b of the normalised target subbands
   inside the brain (design step 1);
 * :func:`shifts_from_energy`: energy-equalising log-SNR shifts ``delta_b = -kappa log(E_b / E_ref)``;
-* :func:`per_band_schedule` / :func:`fats_schedule`: ``lambda_b(t) = lambda(t) + delta_b`` with
-  every band's endpoints re-pinned to the base curve's (design step 2);
 * :func:`ramped_shifts`: shifts ramped in from zero when fine-tuning a shared-schedule checkpoint;
 * :func:`fats_state_dict` / :func:`load_fats_state`: what FATS stores in a checkpoint.
 
-The searches over the *sampler* (learned timesteps, kappa / shift refinement) live in
-:mod:`guided_diffusion.fats_search` and are re-exported here.
+Elsewhere: the per-band schedule ``lambda_b(t) = lambda(t) + delta_b`` (design step 2) is
+``schedules.per_band_schedule``, the FATS schedule of a config ``factory.fats_schedule``; the
+searches over the *sampler* (learned timesteps, kappa / shift refinement) are in
+:mod:`guided_diffusion.fats_search`.
 """
 from __future__ import annotations
 
@@ -23,14 +23,8 @@ import torch.nn.functional as F
 
 from DWT_IDWT import BAND_NAMES, LLL_SCALE
 
-from .config import DiffusionConfig
-from .fats_search import BAND_GROUPS, learn_timesteps, refine_group_shifts, search_kappa
-from .schedules import NoiseSchedule, cosine, linear
-
 __all__ = [
-    "BAND_GROUPS", "band_energy_stats", "fats_schedule", "fats_state_dict", "learn_timesteps",
-    "load_fats_state", "per_band_schedule", "ramped_shifts", "refine_group_shifts", "search_kappa",
-    "shifts_from_energy", "subband_mask",
+    "band_energy_stats", "fats_state_dict", "load_fats_state", "ramped_shifts", "shifts_from_energy", "subband_mask",
 ]
 
 FATS_STATE_VERSION = 1
@@ -145,7 +139,7 @@ def shifts_from_energy(stats: dict, kappa: float = 1.0, reference: str | float =
         stats: a :func:`band_energy_stats` result.
         reference: ``"mean"`` (arithmetic mean of the band energies), ``"geomean"`` (geometric
             mean: unclipped shifts sum to zero), a band name (that band keeps its curve), or a number.
-        groups: optional band groups (e.g. :data:`BAND_GROUPS`) sharing one energy, their mean.
+        groups: optional band groups (e.g. ``fats_search.BAND_GROUPS``) sharing one energy, their mean.
         key: which per-band statistic to equalise (``"energy"`` or ``"variance"``).
     Returns:
         One shift per band, in ``BAND_NAMES`` order (ready for ``DiffusionConfig.band_shifts``).
@@ -177,61 +171,7 @@ def shifts_from_energy(stats: dict, kappa: float = 1.0, reference: str | float =
     return tuple(min(max(-kappa * math.log(energy[b] / ref), -max_shift), max_shift) for b in BAND_NAMES)
 
 
-# --------------------------------------------------------------------------- 2. per-band schedules
-
-
-def per_band_schedule(base: NoiseSchedule, shifts: Sequence[float] | torch.Tensor,
-                      max_shift: float | None = None, name: str | None = None) -> NoiseSchedule:
-    """Shift the base log-SNR per band, then re-pin each band's endpoints to the base curve's.
-
-    ``lambda_b(t) = lambda(t) + delta_b``; ``sqrt(alpha_bar_b)`` is then mapped affinely so that
-    its values at t = 0 and t = T-1 equal the base curve's (Lin et al. 2023's rescaling, but to
-    the base's small positive terminal value instead of zero, since alpha_bar must stay > 0).
-    So every band starts from the same pure noise and ends as clean as the base, while the
-    shift holds in the middle of the schedule. A band with zero shift keeps the base row
-    bit for bit, so all-zero shifts give exactly the base schedule.
-    Args:
-        base: a schedule whose bands all share one curve (row 0 is used).
-        shifts: (n_bands,) log-SNR shifts; clipped to +-max_shift when that is given.
-    """
-    shifts = torch.as_tensor(shifts, dtype=torch.float64).flatten()
-    if max_shift is not None:
-        shifts = shifts.clamp(-max_shift, max_shift)
-    if not bool(torch.isfinite(shifts).all()):
-        raise ValueError(f"per_band_schedule: shifts must be finite, got {shifts.tolist()}")
-    if base.n_bands > 1 and not bool((base.alpha_bar == base.alpha_bar[:1]).all()):
-        raise ValueError("per_band_schedule: the base schedule must share one curve across bands")
-    curve = base.alpha_bar[0]
-    rows = []
-    for delta in shifts.tolist():
-        if delta == 0.0 or curve.numel() < 2:
-            rows.append(curve.clone())
-            continue
-        log_snr = torch.log(curve) - torch.log1p(-curve)
-        root = torch.sigmoid(log_snr + delta).sqrt()
-        lo, hi = curve[-1].sqrt(), curve[0].sqrt()
-        pinned = lo + (root - root[-1]) * (hi - lo) / (root[0] - root[-1])
-        pinned[0], pinned[-1] = hi, lo  # exact endpoints despite rounding
-        rows.append(pinned ** 2)
-    alpha_bar = torch.stack(rows)
-    if name is None:
-        name = base.name if not bool(shifts.any()) else f"fats-{base.name}"
-    return NoiseSchedule(alpha_bar, base.model_times.clone(), name)
-
-
-def fats_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
-    """The FATS schedule of a config: the base curve (``cfg.fats_base`` with ``cfg.steps``) with
-    ``cfg.band_shifts`` (all zero when empty) applied per band and capped at ``cfg.max_shift``."""
-    if cfg.fats_base == "linear":
-        base = linear(cfg.steps, cfg.beta_start, cfg.beta_end, n_bands=1)
-    elif cfg.fats_base == "cosine":
-        base = cosine(cfg.steps, n_bands=1)
-    else:
-        raise ValueError(f"fats_schedule: unknown base curve {cfg.fats_base!r}")
-    shifts = cfg.band_shifts or (0.0,) * cfg.n_bands
-    if len(shifts) != cfg.n_bands:
-        raise ValueError(f"fats_schedule: {len(shifts)} shifts for {cfg.n_bands} bands")
-    return per_band_schedule(base, shifts, cfg.max_shift)
+# --------------------------------------------------------------------------- 2. shift ramp
 
 
 def ramped_shifts(shifts: Sequence[float], step: int, ramp_steps: int) -> tuple[float, ...]:
@@ -241,7 +181,7 @@ def ramped_shifts(shifts: Sequence[float], step: int, ramp_steps: int) -> tuple[
     return tuple(float(s) * factor for s in shifts)
 
 
-# --------------------------------------------------------------------------- 6. checkpoint state
+# --------------------------------------------------------------------------- 3. checkpoint state
 
 
 def fats_state_dict(*, energy_stats: dict | None = None, band_shifts: Sequence[float] | None = None,
@@ -253,7 +193,7 @@ def fats_state_dict(*, energy_stats: dict | None = None, band_shifts: Sequence[f
         energy_stats: a :func:`band_energy_stats` result.
         band_shifts: the shifts the model was trained with.
         timesteps: K -> learned steps, each a list of step indices or a
-            :func:`learn_timesteps` result (its ``steps`` and errors are kept).
+            ``fats_search.learn_timesteps`` result (its ``steps`` and errors are kept).
         kappa: the kappa the shifts came from, if any.
         extra: any other JSON-serialisable notes.
     """

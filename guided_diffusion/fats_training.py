@@ -18,10 +18,13 @@ from torch.utils.data import Dataset
 from DWT_IDWT import clip_in_image_space, to_subbands
 
 from .conditioning import split_case
-from .config import DiffusionConfig, build_schedule
+from .config import DiffusionConfig
 from .diffusion import make_denoiser
-from .fats import band_energy_stats, fats_state_dict, learn_timesteps, shifts_from_energy, subband_mask
+from .factory import build_schedule
+from .fats import band_energy_stats, fats_state_dict, shifts_from_energy, subband_mask
+from .fats_search import learn_timesteps
 from .schedules import NoiseSchedule
+from .seeding import case_subset
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +33,12 @@ DEFAULT_STAT_CASES = 32
 DEFAULT_K = 4
 
 
-def _subset(n: int, max_cases: int, seed: int) -> list[int]:
-    if max_cases <= 0 or max_cases >= n:
-        return list(range(n))
-    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_cases].tolist())
-
-
 def measure_energy(dataset: Dataset, target: str, max_cases: int = DEFAULT_STAT_CASES, seed: int = 0) -> dict:
     """Per-band energy statistics of the normalised target subbands inside the brain.
 
     ``dataset`` items carry ``volumes`` (4, X, Y, Z) and ``brain_mask`` (X, Y, Z).
     """
-    idx = _subset(len(dataset), max_cases, seed)
+    idx = case_subset(len(dataset), max_cases, seed)
 
     def bands():
         for i in idx:
@@ -77,7 +74,7 @@ def prepare_fats_schedule(cfg: DiffusionConfig, dataset: Dataset, target: str, s
 def held_out_cases(dataset: Dataset, target: str, device, max_cases: int = 4, seed: int = 0) -> list[dict]:
     """Held-out cases in the form :func:`learn_timesteps` expects (x0, cond, mask, case_id)."""
     cases = []
-    for i in _subset(len(dataset), max_cases, seed):
+    for i in case_subset(len(dataset), max_cases, seed):
         item = dataset[i]
         target_volume, cond = split_case(item["volumes"][None].to(device), target)
         cases.append({"x0": to_subbands(target_volume), "cond": to_subbands(cond),

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .checkpoints import atomic_write
+from .fileio import atomic_write
 
 
 def slice_figure(path: str | Path, panels: Sequence[tuple[str, np.ndarray]], title: str = "",

@@ -5,17 +5,21 @@ plus the time value the network is given at each step (``model_times``). Every b
 noised differently (FATS); a shared schedule is the same row repeated, and then every formula
 reduces exactly to the single-schedule one. Samplers take any decreasing subset of steps; the
 posterior between two steps is computed from alpha_bar alone, so respacing needs no extra table.
+
+Layer 1: the base curves (:func:`linear`, :func:`cosine`, :func:`fast_sampled`) and the per-band
+shifting of a base curve (:func:`per_band_schedule`, FATS's schedule shape). Nothing here reads a
+config: :mod:`guided_diffusion.factory` maps a ``DiffusionConfig`` to these functions.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+from typing import Sequence
+
 import torch
 
-from .config import DiffusionConfig
-
-REFERENCE_STEPS = 1000  # the 1000-step linear schedule of DDPM / cWDM
+from .constants import REFERENCE_STEPS
 
 
 @dataclass(frozen=True)
@@ -139,18 +143,40 @@ def fast_sampled(steps: int = 10, beta_start: float = 1e-4, beta_end: float = 0.
     return NoiseSchedule(base.alpha_bar[:, idx].clone(), idx.double(), f"fast_sampled{steps}")
 
 
-def schedule_from_config(cfg: DiffusionConfig) -> NoiseSchedule:
-    """Build the schedule a :class:`DiffusionConfig` describes."""
-    if cfg.kind == "linear":
-        return linear(cfg.steps, cfg.beta_start, cfg.beta_end, cfg.n_bands)
-    if cfg.kind == "fast_direct":
-        return linear(cfg.steps, cfg.beta_start, cfg.beta_end, cfg.n_bands)
-    if cfg.kind == "cosine":
-        return cosine(cfg.steps, cfg.n_bands)
-    if cfg.kind == "fast_sampled":
-        return fast_sampled(cfg.steps, cfg.beta_start, cfg.beta_end, cfg.n_bands)
-    if cfg.kind == "fats":
-        from .fats import fats_schedule
+def per_band_schedule(base: NoiseSchedule, shifts: Sequence[float] | torch.Tensor,
+                      max_shift: float | None = None, name: str | None = None) -> NoiseSchedule:
+    """Shift the base log-SNR per band, then re-pin each band's endpoints to the base curve's.
 
-        return fats_schedule(cfg)
-    raise ValueError(f"unknown schedule kind {cfg.kind!r}")
+    ``lambda_b(t) = lambda(t) + delta_b``; ``sqrt(alpha_bar_b)`` is then mapped affinely so that
+    its values at t = 0 and t = T-1 equal the base curve's (Lin et al. 2023's rescaling, but to
+    the base's small positive terminal value instead of zero, since alpha_bar must stay > 0).
+    So every band starts from the same pure noise and ends as clean as the base, while the
+    shift holds in the middle of the schedule. A band with zero shift keeps the base row
+    bit for bit, so all-zero shifts give exactly the base schedule.
+    Args:
+        base: a schedule whose bands all share one curve (row 0 is used).
+        shifts: (n_bands,) log-SNR shifts; clipped to +-max_shift when that is given.
+    """
+    shifts = torch.as_tensor(shifts, dtype=torch.float64).flatten()
+    if max_shift is not None:
+        shifts = shifts.clamp(-max_shift, max_shift)
+    if not bool(torch.isfinite(shifts).all()):
+        raise ValueError(f"per_band_schedule: shifts must be finite, got {shifts.tolist()}")
+    if base.n_bands > 1 and not bool((base.alpha_bar == base.alpha_bar[:1]).all()):
+        raise ValueError("per_band_schedule: the base schedule must share one curve across bands")
+    curve = base.alpha_bar[0]
+    rows = []
+    for delta in shifts.tolist():
+        if delta == 0.0 or curve.numel() < 2:
+            rows.append(curve.clone())
+            continue
+        log_snr = torch.log(curve) - torch.log1p(-curve)
+        root = torch.sigmoid(log_snr + delta).sqrt()
+        lo, hi = curve[-1].sqrt(), curve[0].sqrt()
+        pinned = lo + (root - root[-1]) * (hi - lo) / (root[0] - root[-1])
+        pinned[0], pinned[-1] = hi, lo  # exact endpoints despite rounding
+        rows.append(pinned ** 2)
+    alpha_bar = torch.stack(rows)
+    if name is None:
+        name = base.name if not bool(shifts.any()) else f"fats-{base.name}"
+    return NoiseSchedule(alpha_bar, base.model_times.clone(), name)

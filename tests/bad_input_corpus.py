@@ -298,7 +298,7 @@ def write_tiny_checkpoint(path: Path) -> Path:
     import torch
 
     from guided_diffusion.checkpoints import save_checkpoint
-    from guided_diffusion.config import build_model, build_schedule
+    from guided_diffusion.factory import build_model, build_schedule
     from guided_diffusion.presets import get_preset
 
     preset = get_preset("tiny")

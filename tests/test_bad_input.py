@@ -212,7 +212,8 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_partial_one(tmp_path, m
     import torch
 
     from guided_diffusion import bratsloader
-    from guided_diffusion.checkpoints import atomic_write, read_checkpoint, save_checkpoint
+    from guided_diffusion.checkpoints import read_checkpoint, save_checkpoint
+    from guided_diffusion.fileio import atomic_write
 
     image = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
     out = bratsloader.write_nifti(tmp_path / "case-t2f.nii.gz", image)

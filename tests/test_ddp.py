@@ -9,7 +9,7 @@ import sys
 import torch
 
 from fixtures_data import REPO_ROOT
-from guided_diffusion.config import build_model
+from guided_diffusion.factory import build_model
 from guided_diffusion.presets import get_preset
 from guided_diffusion.train_util import _seed_for
 
@@ -23,7 +23,7 @@ def test_two_gloo_processes_end_with_identical_weights(tiny_demo_dir, tmp_path):
         env.pop(name, None)
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             str(REPO_ROOT / "tests" / "ddp_worker.py"), "--preset", "tiny", "--data_dir",
-            str(tiny_demo_dir / "training"), "--run_dir", str(run_dir), "--contr", "t2f", "--max_steps", str(STEPS),
+            str(tiny_demo_dir / "training"), "--run_dir", str(run_dir), "--target", "t2f", "--max_steps", str(STEPS),
             "--val_cases", "0", "--cpu"]
     result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from DWT_IDWT import BAND_NAMES, clip_in_image_space, from_subbands, to_subbands
-from guided_diffusion.config import ConfigError, DiffusionConfig, build_model, build_schedule
+from guided_diffusion.config import ConfigError, DiffusionConfig
 from guided_diffusion.diffusion import append_dims, make_denoiser
-from guided_diffusion.fats import (BAND_GROUPS, band_energy_stats, fats_schedule, fats_state_dict, learn_timesteps,
-                                   load_fats_state, per_band_schedule, ramped_shifts, refine_group_shifts,
-                                   search_kappa, shifts_from_energy, subband_mask)
-from guided_diffusion.fats_search import masked_mse, power_steps
+from guided_diffusion.factory import build_model, build_schedule, fats_schedule
+from guided_diffusion.fats import (band_energy_stats, fats_state_dict, load_fats_state, ramped_shifts,
+                                   shifts_from_energy, subband_mask)
+from guided_diffusion.fats_search import (BAND_GROUPS, learn_timesteps, masked_mse, power_steps, refine_group_shifts,
+                                          search_kappa)
 from guided_diffusion.samplers import ddim_sample, respaced_steps
-from guided_diffusion.schedules import cosine, linear
+from guided_diffusion.schedules import cosine, linear, per_band_schedule
 
 
 # --------------------------------------------------------------------------- energy statistics
@@ -294,13 +295,8 @@ def _write_tiny_brats(root: Path, n_cases: int) -> None:
 
 
 def test_fats_stats_script_end_to_end(tmp_path):
-    import importlib.util
-
     _write_tiny_brats(tmp_path / "training", 3)
-    path = Path(__file__).resolve().parents[1] / "scripts" / "fats_stats.py"
-    spec = importlib.util.spec_from_file_location("fats_stats_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from guided_diffusion.commands import fats_stats as script
     out = tmp_path / "stats.json"
     with pytest.raises(SystemExit) as exit_info:
         script.cli.main_guard(lambda: script.main(["--data_dir", str(tmp_path / "training"), "--contr", "t1c",

@@ -14,7 +14,7 @@ from guided_diffusion.config import ModelConfig
 from guided_diffusion.diffusion import make_denoiser, reverse_step_mean_variance
 from guided_diffusion.schedules import linear
 from guided_diffusion.unet import UNet3D
-from guided_diffusion.config import model_config_from_cwdm_args
+from guided_diffusion.checkpoints import model_config_from_cwdm_args
 
 
 @pytest.fixture(scope="module")

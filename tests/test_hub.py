@@ -19,7 +19,8 @@ from fixtures_data import one_thread  # noqa: F401 (a fixture)
 from fixtures_data import REPO_ROOT, digest, populate_hf_cache, run_main
 from guided_diffusion.bratsloader import expected_path
 from guided_diffusion.checkpoints import CWDM_NUM_GROUPS, CheckpointError, export_safetensors, load_model
-from guided_diffusion.config import DiffusionConfig, ModelConfig, TrainConfig, build_model, build_schedule
+from guided_diffusion.config import DiffusionConfig, ModelConfig, TrainConfig
+from guided_diffusion.factory import build_model, build_schedule
 from guided_diffusion.presets import DEMO_MODEL, get_preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")

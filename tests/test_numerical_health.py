@@ -12,7 +12,8 @@ from bad_input_corpus import SCRIPTS, run_in_process, write_case, write_tiny_che
 from fixtures_data import one_thread  # noqa: F401 (a fixture)
 from guided_diffusion.bratsloader import BratsDataset
 from guided_diffusion.checkpoints import load_model, read_checkpoint
-from guided_diffusion.config import SampleConfig, TrainConfig, build_model
+from guided_diffusion.config import SampleConfig, TrainConfig
+from guided_diffusion.factory import build_model
 from guided_diffusion.presets import get_preset
 from guided_diffusion.synthesis import synthesize
 from guided_diffusion.train_util import LAST_GOOD, LATEST, Trainer, TrainingDiverged

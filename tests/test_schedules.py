@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from guided_diffusion.config import DiffusionConfig, build_schedule
+from guided_diffusion.config import DiffusionConfig
+from guided_diffusion.factory import build_schedule
 from guided_diffusion.diffusion import q_sample
 from guided_diffusion.schedules import NoiseSchedule, cosine, fast_sampled, linear
 

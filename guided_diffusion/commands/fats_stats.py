@@ -24,7 +24,7 @@ import cli_common as cli  # noqa: E402
 from DWT_IDWT import to_subbands  # noqa: E402
 from guided_diffusion.bratsloader import BratsDataset, CaseError  # noqa: E402
 from guided_diffusion.conditioning import MODALITIES, split_case  # noqa: E402
-from guided_diffusion.config import save_json  # noqa: E402
+from guided_diffusion.fileio import save_json  # noqa: E402
 from guided_diffusion.fats import band_energy_stats, shifts_from_energy  # noqa: E402
 
 logger = logging.getLogger("fats_stats")

@@ -22,9 +22,11 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from guided_diffusion.bratsloader import CaseError, expected_path, load_case, save_volume, to_original_grid  # noqa: E402
-from guided_diffusion.checkpoints import CheckpointError, atomic_write, load_model, resolve_model_source  # noqa: E402
+from guided_diffusion.checkpoints import load_model, resolve_model_source, CheckpointError  # noqa: E402
+from guided_diffusion.fileio import atomic_write  # noqa: E402
 from guided_diffusion.conditioning import MODALITIES, cond_modalities, modality_index  # noqa: E402
-from guided_diffusion.config import SAMPLERS, SampleConfig, save_json  # noqa: E402
+from guided_diffusion.config import SAMPLERS, SampleConfig  # noqa: E402
+from guided_diffusion.fileio import save_json  # noqa: E402
 from guided_diffusion.figures import slice_figure  # noqa: E402
 from guided_diffusion.metrics import METRIC_KEYS, evaluate_case, summarize  # noqa: E402
 from guided_diffusion.runinfo import run_info  # noqa: E402

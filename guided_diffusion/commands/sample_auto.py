@@ -25,7 +25,7 @@ from tqdm import tqdm  # noqa: E402
 from guided_diffusion.bratsloader import CaseError, expected_path, load_case, save_volume, to_original_grid  # noqa: E402
 from guided_diffusion.checkpoints import CheckpointError, load_model, resolve_model_source  # noqa: E402
 from guided_diffusion.conditioning import MODALITIES  # noqa: E402
-from guided_diffusion.config import save_json  # noqa: E402
+from guided_diffusion.fileio import save_json  # noqa: E402
 from guided_diffusion.runinfo import run_info  # noqa: E402
 from guided_diffusion.synthesis import choose_steps, synthesize  # noqa: E402
 

@@ -18,7 +18,7 @@ from tqdm import tqdm  # noqa: E402
 
 from guided_diffusion.bratsloader import BratsDataset, CaseError  # noqa: E402
 from guided_diffusion.conditioning import MODALITIES  # noqa: E402
-from guided_diffusion.config import save_json  # noqa: E402
+from guided_diffusion.fileio import save_json  # noqa: E402
 from guided_diffusion.presets import get_preset  # noqa: E402
 from guided_diffusion.runinfo import run_info  # noqa: E402
 from guided_diffusion.train_util import LATEST, Trainer, TrainingDiverged, setup_distributed  # noqa: E402

@@ -1,0 +1,27 @@
+"""The project's vocabularies, defined once (layer 0: imports nothing from the package).
+
+Configs validate against these names; the modules that implement them (the schedule registry
+in :mod:`guided_diffusion.factory`, the sampler registry in :mod:`guided_diffusion.samplers`)
+register exactly these names, which ``tests/test_layering.py`` checks. The subband names
+live with the wavelet transform (``DWT_IDWT.BAND_NAMES``).
+"""
+from __future__ import annotations
+
+MODALITIES: tuple[str, ...] = ("t1n", "t1c", "t2w", "t2f")
+"""BraTS 2023 modalities: native T1, contrast-enhanced T1, T2-weighted, T2-FLAIR. Every case
+tensor holds them in this order along its channel axis."""
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+"""Network precisions: float32, or bfloat16 autocast of the network (the denoiser decides)."""
+
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+"""Sampler names (ancestral DDPM, DDIM with eta)."""
+
+SCHEDULE_KINDS: tuple[str, ...] = ("linear", "cosine", "fast_direct", "fast_sampled", "fats")
+"""Noise schedule kinds a ``DiffusionConfig`` may name (built by ``factory.build_schedule``)."""
+
+FATS_BASES: tuple[str, ...] = ("linear", "cosine")
+"""Base log-SNR curves a FATS schedule shifts per band."""
+
+REFERENCE_STEPS = 1000
+"""Length of DDPM's / cWDM's linear schedule; the time scale the network's embedding is trained on."""
