@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
-# Fast-cWDM: train, sample and complete missing modalities. Presets are chosen by MODEL name.
+# Fast-cWDM: train, sample and complete missing modalities. run.sh only chooses a preset by name.
 #
 #   bash run.sh                      no BraTS data under DATA_DIR: build the demo dataset, train the
 #                                    demo preset on the CPU, sample the held-out cases, evaluate
-#   bash run.sh --mode train --model unet --contr t2f --data_dir /data/BraTS2023/training
-#   bash run.sh --mode sample --model fats --contr t2f --data_dir /data/BraTS2023/val_with_gt --steps 4
-#   bash run.sh --mode auto --model fats --data_dir /data/BraSyn/pseudo_validation
+#   bash run.sh --mode train --preset unet --target t2f --data_dir /data/BraTS2023/training
+#   bash run.sh --mode sample --preset fats --target t2f --data_dir /data/BraTS2023/val_with_gt --nfe 4
+#   bash run.sh --mode auto --preset fats --data_dir /data/BraSyn/pseudo_validation
 #
-# Environment variables give the defaults of the flags: MODEL, MODE, CONTR, DATA_DIR, STEPS, GPUS,
-# RUN_DIR, OUT_DIR, CHECKPOINT.
+# Environment variables give the defaults of the flags: PRESET, MODE, TARGET, DATA_DIR, NFE, GPUS,
+# RUN_DIR, OUT_DIR, CHECKPOINT. The old spellings (--model / MODEL, --contr / CONTR, --steps / STEPS)
+# still work and print a note.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-MODEL="${MODEL:-}"
+note_renamed() { echo "[run.sh] note: $1 is deprecated, use $2 (same meaning)" >&2; }
+
+# Old environment variable names: used when the new one is not set.
+if [ -n "${MODEL:-}" ]; then note_renamed "MODEL=" "PRESET="; PRESET="${PRESET:-$MODEL}"; fi
+if [ -n "${CONTR:-}" ]; then note_renamed "CONTR=" "TARGET="; TARGET="${TARGET:-$CONTR}"; fi
+if [ -n "${STEPS:-}" ]; then note_renamed "STEPS=" "NFE="; NFE="${NFE:-$STEPS}"; fi
+
+PRESET="${PRESET:-}"
 MODE="${MODE:-}"
-CONTR="${CONTR:-t2f}"
+TARGET="${TARGET:-t2f}"
 DATA_DIR="${DATA_DIR:-data/BraTS/training}"
-STEPS="${STEPS:-}"
+NFE="${NFE:-}"
 GPUS="${GPUS:-}"
 RUN_DIR="${RUN_DIR:-}"
 OUT_DIR="${OUT_DIR:-}"
@@ -27,23 +35,26 @@ EXTRA=()
 
 usage() {
     cat <<'TXT'
-Usage: bash run.sh [--mode train|sample|auto] [--model unet|fast|fats|demo] [options] [-- extra script flags]
+Usage: bash run.sh [--mode train|sample|auto] [--preset unet|fast|fats|demo] [options] [-- extra script flags]
 
   --mode MODE        train (scripts/train.py), sample (scripts/sample.py: cases with ground truth,
                      writes NIfTI + metrics), auto (scripts/sample_auto.py: fill in the one missing
                      modality of each case). Default: train then sample; with no BraTS data under
-                     --data_dir and no --model, the embedded CPU demo.
-  --model NAME       MODEL preset: unet (cWDM: 64 ch, mult 1,2,2,4,4, linear 1000 steps),
+                     --data_dir and no --preset, the embedded CPU demo.
+  --preset NAME      unet (cWDM: 64 ch, mult 1,2,2,4,4, linear 1000 steps),
                      fast (Fast-cWDM: same network, 10-step schedule), fats (per-band schedules,
                      learned 4-step sampling), demo (small network, reduced-size demo data, CPU).
-  --contr MOD        target modality t1n|t1c|t2w|t2f, or all (train one model per modality). Default t2f.
+                     (old spelling: --model)
+  --target MOD       modality to synthesise: t1n|t1c|t2w|t2f, or all (train one model per
+                     modality). Default t2f. (old spelling: --contr)
   --data_dir DIR     BraTS-layout folder (<case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz).
                      Default data/BraTS/training.
-  --steps K          network evaluations per volume when sampling (0: the checkpoint's default).
+  --nfe K            network evaluations per volume when sampling (0: the checkpoint's default).
+                     (old spelling: --steps)
   --gpus N           GPUs for training (torchrun when N > 1). Default: all visible; 0 = CPU.
-  --run_dir DIR      training output (default runs/<model>); sample/auto read models from here.
-  --out_dir DIR      sampling output (default results/<model>_<contr> or <data_dir>_completed).
-  --checkpoint P     model for --mode sample (default <run_dir>/<contr>/best.pt); a path or hf://org/repo/file.
+  --run_dir DIR      training output (default runs/<preset>); sample/auto read models from here.
+  --out_dir DIR      sampling output (default results/<preset>_<target> or <data_dir>_completed).
+  --checkpoint P     model for --mode sample (default <run_dir>/<target>/best.pt); a path or hf://org/repo/file.
   -h, --help         this text.
 Anything after -- is passed to the Python script unchanged (see python scripts/<script>.py --help).
 TXT
@@ -52,10 +63,13 @@ TXT
 while [ $# -gt 0 ]; do
     case "$1" in
         --mode) MODE="$2"; shift 2 ;;
-        --model) MODEL="$2"; shift 2 ;;
-        --contr) CONTR="$2"; shift 2 ;;
+        --preset) PRESET="$2"; shift 2 ;;
+        --model) note_renamed --model --preset; PRESET="$2"; shift 2 ;;
+        --target) TARGET="$2"; shift 2 ;;
+        --contr) note_renamed --contr --target; TARGET="$2"; shift 2 ;;
         --data_dir) DATA_DIR="$2"; shift 2 ;;
-        --steps) STEPS="$2"; shift 2 ;;
+        --nfe) NFE="$2"; shift 2 ;;
+        --steps) note_renamed --steps --nfe; NFE="$2"; shift 2 ;;
         --gpus) GPUS="$2"; shift 2 ;;
         --run_dir) RUN_DIR="$2"; shift 2 ;;
         --out_dir) OUT_DIR="$2"; shift 2 ;;
@@ -88,7 +102,7 @@ launch() {  # launch SCRIPT ARGS...: torchrun across GPUs when there are several
     fi
 }
 
-steps_flag() { if [ -n "$STEPS" ]; then echo "--steps $STEPS"; fi; }
+nfe_flag() { if [ -n "$NFE" ]; then echo "--nfe $NFE"; fi; }
 
 run_demo() {
     local start=$SECONDS
@@ -99,51 +113,51 @@ run_demo() {
     else
         echo "[run.sh] reusing the demo dataset in $DEMO_DIR"
     fi
-    local run_dir="${RUN_DIR:-runs/demo}" out_dir="${OUT_DIR:-results/demo_$CONTR}"
+    local run_dir="${RUN_DIR:-runs/demo}" out_dir="${OUT_DIR:-results/demo_$TARGET}"
     local max_steps=()
     if [ -n "$DEMO_STEPS" ]; then max_steps=(--max_steps "$DEMO_STEPS"); fi
-    "$PYTHON" scripts/train.py --preset demo --data_dir "$DEMO_DIR/training" --contr "$CONTR" \
+    "$PYTHON" scripts/train.py --preset demo --data_dir "$DEMO_DIR/training" --target "$TARGET" \
         --run_dir "$run_dir" --resume auto --cpu "${max_steps[@]}" "${EXTRA[@]}"
-    "$PYTHON" scripts/sample.py --checkpoint "$run_dir/$CONTR/best.pt" --data_dir "$DEMO_DIR/pseudo_validation_gt" \
-        --contr "$CONTR" --out_dir "$out_dir" --device cpu --overwrite $(steps_flag)
+    "$PYTHON" scripts/sample.py --checkpoint "$run_dir/$TARGET/best.pt" --data_dir "$DEMO_DIR/pseudo_validation_gt" \
+        --target "$TARGET" --out_dir "$out_dir" --device cpu --overwrite $(nfe_flag)
     echo "[run.sh] demo finished in $((SECONDS - start)) s"
-    echo "[run.sh] checkpoints:  $run_dir/$CONTR/{best,latest}.pt (+ .json configs, tensorboard/)"
-    echo "[run.sh] syntheses:    $out_dir/<case>/<case>-$CONTR.nii.gz"
+    echo "[run.sh] checkpoints:  $run_dir/$TARGET/{best,latest}.pt (+ .json configs, tensorboard/)"
+    echo "[run.sh] syntheses:    $out_dir/<case>/<case>-$TARGET.nii.gz"
     echo "[run.sh] metrics:      $out_dir/metrics.json, $out_dir/metrics.csv"
     echo "[run.sh] figure:       $out_dir/slice.png"
 }
 
-if [ -z "$MODEL" ] && [ -z "$MODE" ] && ! has_brats_data "$DATA_DIR"; then
+if [ -z "$PRESET" ] && [ -z "$MODE" ] && ! has_brats_data "$DATA_DIR"; then
     run_demo
     exit 0
 fi
 
-MODEL="${MODEL:-unet}"
-RUN_DIR="${RUN_DIR:-runs/$MODEL}"
-if [ "$MODEL" = "demo" ] && ! has_brats_data "$DATA_DIR"; then
+PRESET="${PRESET:-unet}"
+RUN_DIR="${RUN_DIR:-runs/$PRESET}"
+if [ "$PRESET" = "demo" ] && ! has_brats_data "$DATA_DIR"; then
     run_demo
     exit 0
 fi
 
 do_train() {
     has_brats_data "$DATA_DIR" || { echo "run.sh: no BraTS cases under '$DATA_DIR'" >&2; exit 2; }
-    launch scripts/train.py --preset "$MODEL" --data_dir "$DATA_DIR" --contr "$CONTR" --run_dir "$RUN_DIR" \
+    launch scripts/train.py --preset "$PRESET" --data_dir "$DATA_DIR" --target "$TARGET" --run_dir "$RUN_DIR" \
         --resume auto "${EXTRA[@]}"
 }
 
 do_sample() {
-    local contrs=("$CONTR")
-    if [ "$CONTR" = "all" ]; then contrs=(t1n t1c t2w t2f); fi
-    for c in "${contrs[@]}"; do
-        "$PYTHON" scripts/sample.py --checkpoint "${CHECKPOINT:-$RUN_DIR/$c/best.pt}" --data_dir "$DATA_DIR" \
-            --contr "$c" --out_dir "${OUT_DIR:-results/${MODEL}_$c}" $(steps_flag) "${EXTRA[@]}"
+    local targets=("$TARGET")
+    if [ "$TARGET" = "all" ]; then targets=(t1n t1c t2w t2f); fi
+    for t in "${targets[@]}"; do
+        "$PYTHON" scripts/sample.py --checkpoint "${CHECKPOINT:-$RUN_DIR/$t/best.pt}" --data_dir "$DATA_DIR" \
+            --target "$t" --out_dir "${OUT_DIR:-results/${PRESET}_$t}" $(nfe_flag) "${EXTRA[@]}"
     done
 }
 
 do_auto() {
     local out=()
     if [ -n "$OUT_DIR" ]; then out=(--out_dir "$OUT_DIR"); fi
-    "$PYTHON" scripts/sample_auto.py --data_dir "$DATA_DIR" --model_dir "$RUN_DIR" "${out[@]}" $(steps_flag) "${EXTRA[@]}"
+    "$PYTHON" scripts/sample_auto.py --data_dir "$DATA_DIR" --model_dir "$RUN_DIR" "${out[@]}" $(nfe_flag) "${EXTRA[@]}"
 }
 
 case "${MODE:-train_sample}" in

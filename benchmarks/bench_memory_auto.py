@@ -74,9 +74,8 @@ def make_inputs(work: Path, n_cases: int, size: float, preset_name: str) -> tupl
 
 def child(argv: list[str], report: Path) -> None:
     """Run sample_auto.py's main here, recording RSS after every case it writes."""
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    import cli_common
-    import sample_auto
+    from guided_diffusion.cli import main_guard
+    from guided_diffusion.commands import sample_auto
 
     rss_after_case: list[int] = []
     save_volume = sample_auto.save_volume
@@ -90,7 +89,7 @@ def child(argv: list[str], report: Path) -> None:
     start_rss = status_kib("VmRSS")
     code = None
     try:
-        cli_common.main_guard(lambda: sample_auto.main(argv))
+        main_guard(lambda: sample_auto.main(argv))
     except SystemExit as done:
         code = done.code
     finally:

@@ -1,10 +1,11 @@
-"""MODEL presets: the one place where each named model's hyperparameters are chosen.
+"""Presets: the one place where each named model's hyperparameters are chosen.
 
-``run.sh`` only picks a preset by name; command-line flags of the scripts override fields.
+``run.sh --preset NAME`` and ``scripts/train.py --preset NAME`` pick one by name; command-line
+flags of the scripts override fields.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import DiffusionConfig, ModelConfig, SampleConfig, TrainConfig
 
@@ -18,6 +19,8 @@ class Preset:
     description: str
 
 
+FULL_TRAIN = TrainConfig(lr=1e-5, batch_size=1, max_steps=400_000, save_interval=5_000, val_interval=5_000)
+"""Training of the full-size presets (cWDM's AdamW settings); only ``unet`` trains longer."""
 DEMO_MODEL = ModelConfig(num_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, num_groups=8)
 TINY_MODEL = ModelConfig(num_channels=8, channel_mult=(1, 2), num_res_blocks=1, num_groups=4)  # inputs divisible by 4
 DEMO_TRAIN = TrainConfig(lr=5e-4, batch_size=2, max_steps=1_500, save_interval=500, log_interval=50, val_interval=500,
@@ -27,17 +30,17 @@ DEMO_SIZE = 0.25  # demo volumes: BraTS geometry scaled by 1/4 -> (60, 60, 39) f
 PRESETS: dict[str, Preset] = {
     "unet": Preset(
         ModelConfig(), DiffusionConfig(kind="linear", steps=1000),
-        TrainConfig(lr=1e-5, batch_size=1, max_steps=1_200_000, save_interval=5_000, val_interval=5_000),
+        replace(FULL_TRAIN, max_steps=1_200_000),
         SampleConfig(sampler="ddpm", steps=0),
         "cWDM: 64 channels, mult 1,2,2,4,4, two res blocks, linear 1000-step schedule, 1000-step DDPM sampling"),
     "fast": Preset(
         ModelConfig(), DiffusionConfig(kind="fast_sampled", steps=10),
-        TrainConfig(lr=1e-5, batch_size=1, max_steps=400_000, save_interval=5_000, val_interval=5_000),
+        FULL_TRAIN,
         SampleConfig(sampler="ddpm", steps=0),
         "Fast-cWDM: cWDM's network trained and sampled on 10 steps of the linear curve (11 evaluations)"),
     "fats": Preset(
         ModelConfig(), DiffusionConfig(kind="fats", steps=1000),
-        TrainConfig(lr=1e-5, batch_size=1, max_steps=400_000, save_interval=5_000, val_interval=5_000),
+        FULL_TRAIN,
         SampleConfig(sampler="ddim", steps=4),
         "FATS: per-band log-SNR shifts from wavelet energy statistics, learned 4-step sampling schedule"),
     "demo": Preset(
@@ -61,5 +64,5 @@ PRESETS: dict[str, Preset] = {
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise ValueError(f"unknown MODEL preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]

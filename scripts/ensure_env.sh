@@ -1,11 +1,18 @@
-# Sourced by run.sh and tests/run.sh: sets $PYTHON to an interpreter that has the project's
-# dependencies, creating .venv (and installing the CPU build of torch where none is present) if needed.
-_ensure_check='import torch, numpy, nibabel, pywt, scipy, tqdm, torchmetrics, nilearn, safetensors, huggingface_hub, matplotlib, pytest, skimage, tensorboard, guided_diffusion, DWT_IDWT'
+# Sourced by run.sh and tests/run.sh: sets $PYTHON to an interpreter that has the project with its
+# dependencies and the extras that run.sh and the tests use (pip install -e .[test], which includes
+# the demo and figures extras), creating .venv (with the CPU build of torch where there is no GPU)
+# if needed.
+_ensure_modules='torch numpy nibabel scipy tqdm torchmetrics safetensors huggingface_hub tensorboard nilearn matplotlib pytest skimage pywt'
+_ensure_has() {  # _ensure_has PYTHON MODULES...: all of them import
+    local python=$1; shift
+    local modules="$*"
+    "$python" -c "import ${modules// /, }" >/dev/null 2>&1
+}
 PYTHON="${PYTHON:-python3}"
-if ! "$PYTHON" -c "$_ensure_check" >/dev/null 2>&1; then
-    if [ -x .venv/bin/python ] && .venv/bin/python -c "$_ensure_check" >/dev/null 2>&1; then
+if ! _ensure_has "$PYTHON" $_ensure_modules guided_diffusion DWT_IDWT; then
+    if [ -x .venv/bin/python ] && _ensure_has .venv/bin/python $_ensure_modules guided_diffusion DWT_IDWT; then
         PYTHON=.venv/bin/python
-    elif "$PYTHON" -c 'import torch, numpy, nibabel, pywt, scipy, tqdm, torchmetrics, nilearn, safetensors, huggingface_hub, matplotlib, pytest, skimage, tensorboard' >/dev/null 2>&1; then
+    elif _ensure_has "$PYTHON" $_ensure_modules; then
         echo "[setup] installing the project into the active environment (pip install -e .)" >&2
         "$PYTHON" -m pip install -q --no-deps -e . >&2
     else
@@ -22,5 +29,3 @@ if ! "$PYTHON" -c "$_ensure_check" >/dev/null 2>&1; then
     fi
 fi
 export PYTHON
-# The scripts import the project from the repository even when it is not pip-installed.
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

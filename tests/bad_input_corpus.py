@@ -341,17 +341,17 @@ def entry_point_commands(corpus: dict[str, Path], checkpoint: Path, work: Path) 
         "train.py": [py, str(SCRIPTS / "train.py"), "--preset", "tiny", "--data_dir", str(corpus["train"]),
                      "--run_dir", str(work / "run"), "--max_steps", "1", "--cpu"],
         "sample.py": [py, str(SCRIPTS / "sample.py"), "--checkpoint", str(checkpoint), "--data_dir",
-                      str(corpus["train"]), "--contr", "t2f", "--out_dir", str(work / "sample"), "--steps", "2",
+                      str(corpus["train"]), "--target", "t2f", "--out_dir", str(work / "sample"), "--nfe", "2",
                       "--device", "cpu"],
-        "sample_auto.py": [py, str(SCRIPTS / "sample_auto.py"), "--data_dir", str(corpus["auto"]), "--model",
-                           f"{AUTO_MISSING}={checkpoint}", "--out_dir", str(work / "auto"), "--steps", "2",
+        "sample_auto.py": [py, str(SCRIPTS / "sample_auto.py"), "--data_dir", str(corpus["auto"]), "--checkpoint",
+                           f"{AUTO_MISSING}={checkpoint}", "--out_dir", str(work / "auto"), "--nfe", "2",
                            "--device", "cpu"],
         "drop_modality.py": [py, str(SCRIPTS / "drop_modality.py"), "--input", str(corpus["train"]),
                              "--output", str(work / "dropped")],
     }
 
 
-SUMMARY_MARK = "failed:"  # cli_common.report_failures: "<n> <what> failed:" then one "  <error>" per line
+SUMMARY_MARK = "failed:"  # cli.report_failures: "<n> <what> failed:" then one "  <error>" per line
 
 
 def summary_lines(stderr: str) -> list[str]:
@@ -458,20 +458,18 @@ def run_in_process(cmd: list[str]) -> tuple[int, list[logging.LogRecord]]:
     """``python scripts/<name>.py args`` run in this process through its ``main_guard`` (the same
     error handling as on the command line): (exit code, the log records it emitted). An exception
     that ``main_guard`` does not turn into a message propagates (the would-be traceback)."""
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
     import importlib
 
-    import cli_common
+    from guided_diffusion.cli import main_guard
 
-    module = importlib.import_module(Path(cmd[1]).stem)
+    module = importlib.import_module(f"guided_diffusion.commands.{Path(cmd[1]).stem}")
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = records.append
     root = logging.getLogger()
     root.addHandler(handler)  # also makes the script's logging.basicConfig a no-op
     try:
-        cli_common.main_guard(lambda: module.main(cmd[2:]))
+        main_guard(lambda: module.main(cmd[2:]))
     except SystemExit as done:
         return int(done.code or 0), records
     finally:

@@ -1,4 +1,4 @@
-"""torchrun worker of test_ddp.py: ``scripts/train.py``'s main(), after which every rank saves
+"""torchrun worker of test_ddp.py: ``scripts/train.py``'s program (guided_diffusion.commands.train), after which every rank saves
 the weights it ended with to ``<run_dir>/<target>/rank<r>.pt`` (train.py itself saves on rank 0 only).
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py <train.py flags>
@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
+sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
-import train  # noqa: E402
+
+from guided_diffusion.commands import train  # noqa: E402
 
 
 class RecordingTrainer(train.Trainer):

@@ -16,10 +16,8 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = REPO_ROOT / "scripts"
-for _path in (REPO_ROOT, SCRIPTS):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
 from guided_diffusion.bratsloader import Geometry  # noqa: E402
 
@@ -51,18 +49,18 @@ def make_tiny_dataset(out: Path) -> Path:
 
 
 def script(name: str):
-    """The module of ``scripts/<name>.py`` (imported once, like ``python scripts/<name>.py``)."""
-    return importlib.import_module(name)
+    """The program that ``scripts/<name>.py`` runs: ``guided_diffusion.commands.<name>``."""
+    return importlib.import_module(f"guided_diffusion.commands.{name}")
 
 
 def run_main(name: str, argv: list[str]) -> int:
     """``scripts/<name>.py`` with ``argv`` in this process, through its ``main_guard`` (the same
     error handling as on the command line); returns the exit code."""
-    import cli_common
+    from guided_diffusion.cli import main_guard
 
     module = script(name)
     with pytest.raises(SystemExit) as exit_info:
-        cli_common.main_guard(lambda: module.main([str(a) for a in argv]))
+        main_guard(lambda: module.main([str(a) for a in argv]))
     return exit_info.value.code
 
 

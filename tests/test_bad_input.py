@@ -194,8 +194,8 @@ def test_sample_survives_an_evaluation_error_per_case(tmp_path):
         write_case(tmp_path / "data", f"small-{i}", seed=i, shape=geometry.original_shape)
     checkpoint = write_tiny_checkpoint(tmp_path / "tiny.pt")
     code, records = run_in_process([sys.executable, str(SCRIPTS / "sample.py"), "--checkpoint", str(checkpoint),
-                                    "--data_dir", str(tmp_path / "data"), "--contr", "t2f", "--out_dir",
-                                    str(tmp_path / "out"), "--steps", "1", "--device", "cpu"])
+                                    "--data_dir", str(tmp_path / "data"), "--target", "t2f", "--out_dir",
+                                    str(tmp_path / "out"), "--nfe", "1", "--device", "cpu"])
     assert code == EXIT_SOME_FAILED
     for i in range(2):
         assert nib.load(expected_path(tmp_path / "out" / f"small-{i}", "t2f")).shape == geometry.original_shape

@@ -11,7 +11,7 @@ import torch
 from fixtures_data import REPO_ROOT
 from guided_diffusion.factory import build_model
 from guided_diffusion.presets import get_preset
-from guided_diffusion.train_util import _seed_for
+from guided_diffusion.seeding import derive_seed
 
 STEPS = 2
 
@@ -40,6 +40,6 @@ def test_two_gloo_processes_end_with_identical_weights(tiny_demo_dir, tmp_path):
     assert all(torch.equal(v, latest["model"][k]) for k, v in ranks[0]["model"].items())
 
     preset = get_preset("tiny")  # the weights moved away from the (shared) initial ones
-    torch.manual_seed(_seed_for(preset.train.seed, 0))
+    torch.manual_seed(derive_seed(preset.train.seed, 0))
     initial = build_model(preset.model).state_dict()
     assert not all(torch.equal(v, initial[k]) for k, v in ranks[0]["model"].items())

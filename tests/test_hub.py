@@ -88,8 +88,8 @@ def test_sample_auto_uses_hub_models_from_the_cache_offline(published, tiny_demo
     data_dir, out_dir = tiny_demo_dir / "pseudo_validation", tmp_path / "completed"
     sources = {"t1n": f"hf://{REPO_ID}/cwdm/t1n.pt@v1.0", "t1c": f"hf://{REPO_ID}/fast/t1c.safetensors"}
     cache_before, data_before = digest(published.cache), digest(data_dir)
-    argv = ["--data_dir", data_dir, "--out_dir", out_dir, "--hf_cache", published.cache, "--steps", 2,
-            *[a for m, s in sources.items() for a in ("--model", f"{m}={s}")]]
+    argv = ["--data_dir", data_dir, "--out_dir", out_dir, "--hf_cache", published.cache, "--nfe", 2,
+            *[a for m, s in sources.items() for a in ("--checkpoint", f"{m}={s}")]]
     assert run_main("sample_auto", argv) == 0
     for case_id, modality in published.missing.items():
         out = nib.load(expected_path(out_dir / case_id, modality))
@@ -103,7 +103,7 @@ def test_sample_auto_uses_hub_models_from_the_cache_offline(published, tiny_demo
 
 def test_sample_accepts_a_cwdm_state_dict_locally_and_from_the_hub(published, tiny_demo_dir, tmp_path, offline):
     data_dir = tiny_demo_dir / "pseudo_validation_gt"
-    common = ["--data_dir", data_dir, "--contr", "t1n", "--max_cases", 1, "--steps", 2]
+    common = ["--data_dir", data_dir, "--target", "t1n", "--max_cases", 1, "--nfe", 2]
     assert run_main("sample", ["--checkpoint", published.cwdm, "--out_dir", tmp_path / "local", *common]) == 0
     hub = f"hf://{REPO_ID}/cwdm/t1n.pt@{COMMIT}"
     assert run_main("sample", ["--checkpoint", hub, "--hf_cache", published.cache, "--out_dir", tmp_path / "hub",
@@ -117,9 +117,9 @@ def test_sample_accepts_a_cwdm_state_dict_locally_and_from_the_hub(published, ti
 
 
 def test_sample_auto_refuses_a_model_for_another_modality(published, tiny_demo_dir, tmp_path, caplog, offline):
-    argv = ["--data_dir", tiny_demo_dir / "pseudo_validation", "--out_dir", tmp_path / "out", "--steps", 2,
-            "--hf_cache", published.cache, "--model", f"t1n=hf://{REPO_ID}/fast/t1c.safetensors",
-            "--model", f"t1c={published.fast}"]
+    argv = ["--data_dir", tiny_demo_dir / "pseudo_validation", "--out_dir", tmp_path / "out", "--nfe", 2,
+            "--hf_cache", published.cache, "--checkpoint", f"t1n=hf://{REPO_ID}/fast/t1c.safetensors",
+            "--checkpoint", f"t1c={published.fast}"]
     assert run_main("sample_auto", argv) == 1  # the t1n case fails, the t1c case is completed
     assert "trained to synthesise t1c, not t1n" in caplog.text
     assert [p.name for p in (tmp_path / "out").rglob("*.nii.gz")] == [
@@ -130,7 +130,7 @@ def test_sample_auto_refuses_a_model_for_another_modality(published, tiny_demo_d
 def test_sample_with_an_uncached_hub_model_fails_clearly(source, published, tiny_demo_dir, tmp_path, caplog,
                                                          offline):
     argv = ["--checkpoint", source, "--hf_cache", published.cache, "--data_dir", tiny_demo_dir / "pseudo_validation_gt",
-            "--contr", "t1n", "--out_dir", tmp_path / "out"]
+            "--target", "t1n", "--out_dir", tmp_path / "out"]
     assert run_main("sample", argv) == 2
     assert source in caplog.text and "offline" in caplog.text and "HF_HUB_OFFLINE=1" in caplog.text
     assert not (tmp_path / "out").exists()
@@ -142,7 +142,7 @@ def test_sample_auto_command_line_reports_an_uncached_repo_without_traceback(pub
     env.pop("FASTCWDM_DEBUG", None)
     argv = [sys.executable, str(REPO_ROOT / "scripts" / "sample_auto.py"), "--data_dir",
             str(tiny_demo_dir / "pseudo_validation"), "--out_dir", str(tmp_path / "out"), "--hf_cache",
-            str(published.cache), "--model", f"t1n={source}", "--model", f"t1c={source}"]
+            str(published.cache), "--checkpoint", f"t1n={source}", "--checkpoint", f"t1c={source}"]
     result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert result.returncode == 1, result.stderr  # every case reported as failed
     assert "Traceback" not in result.stderr

@@ -29,15 +29,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def runs(tiny_demo_dir, tmp_path_factory):
     """Run A: 2 steps, then ``--resume auto`` to step 4 (t2f). Run B: 4 uninterrupted steps for
-    every modality (``--contr all``); its t2f model must equal run A's."""
+    every modality (``--target all``); its t2f model must equal run A's."""
     root = tmp_path_factory.mktemp("runs")
     common = ["--preset", "tiny", "--data_dir", tiny_demo_dir / "training", "--val_cases", 1, "--val_interval", 2,
               "--cpu"]
-    assert run_main("train", [*common, "--run_dir", root / "a", "--contr", "t2f", "--max_steps", 2]) == EXIT_OK
+    assert run_main("train", [*common, "--run_dir", root / "a", "--target", "t2f", "--max_steps", 2]) == EXIT_OK
     shutil.copytree(root / "a" / "t2f", root / "a_step2")
-    assert run_main("train", [*common, "--run_dir", root / "a", "--contr", "t2f", "--max_steps", 4,
+    assert run_main("train", [*common, "--run_dir", root / "a", "--target", "t2f", "--max_steps", 4,
                               "--resume", "auto"]) == EXIT_OK
-    assert run_main("train", [*common, "--run_dir", root / "b", "--contr", "all", "--max_steps", 4]) == EXIT_OK
+    assert run_main("train", [*common, "--run_dir", root / "b", "--target", "all", "--max_steps", 4]) == EXIT_OK
     return SimpleNamespace(step2=root / "a_step2", resumed=root / "a" / "t2f", all=root / "b")
 
 
@@ -70,7 +70,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(runs):
     assert resumed["config"]["train"]["max_steps"] == 4
 
 
-def test_contr_all_trains_one_model_per_modality(runs):
+def test_target_all_trains_one_model_per_modality(runs):
     for modality in MODALITIES:
         ckpt = _load(runs.all / modality / "best.pt")
         assert ckpt["config"]["train"]["target_modality"] == modality
@@ -94,8 +94,8 @@ def _assert_on_input_grid(out_path: Path, reference_path: Path) -> np.ndarray:
 
 def test_sample_writes_volumes_metrics_figure_and_config(runs, tiny_demo_dir, tmp_path):
     data_dir, out_dir = tiny_demo_dir / "pseudo_validation_gt", tmp_path / "sampled"
-    argv = ["--checkpoint", runs.all / "t2f" / "best.pt", "--data_dir", data_dir, "--contr", "t2f",
-            "--out_dir", out_dir, "--steps", 2, "--device", "cpu"]
+    argv = ["--checkpoint", runs.all / "t2f" / "best.pt", "--data_dir", data_dir, "--target", "t2f",
+            "--out_dir", out_dir, "--nfe", 2, "--device", "cpu"]
     before = digest(data_dir)
     assert run_main("sample", argv) == EXIT_OK
     case_ids = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
@@ -124,7 +124,7 @@ def test_sample_writes_volumes_metrics_figure_and_config(runs, tiny_demo_dir, tm
 
 def test_sample_refuses_a_model_trained_for_another_modality(runs, tiny_demo_dir, tmp_path, caplog):
     argv = ["--checkpoint", runs.all / "t1n" / "best.pt", "--data_dir", tiny_demo_dir / "pseudo_validation_gt",
-            "--contr", "t2f", "--out_dir", tmp_path / "out", "--steps", 2]
+            "--target", "t2f", "--out_dir", tmp_path / "out", "--nfe", 2]
     assert run_main("sample", argv) == EXIT_FATAL
     assert "t1n" in caplog.text and "t2f" in caplog.text
     assert not any((tmp_path / "out").rglob("*.nii.gz"))
@@ -140,7 +140,7 @@ def test_sample_auto_completes_each_case_into_a_new_folder(runs, tiny_demo_dir, 
     missing = _missing(data_dir)
     assert len(set(missing.values())) == 2  # the fixture's seed: two different models are needed
     before = digest(data_dir)
-    argv = ["--data_dir", data_dir, "--model_dir", runs.all, "--steps", 2]
+    argv = ["--data_dir", data_dir, "--model_dir", runs.all, "--nfe", 2]
     assert run_main("sample_auto", argv) == EXIT_OK
     out_dir = tmp_path / "pseudo_validation_completed"
     assert sorted(digest(out_dir)) == sorted(
@@ -161,7 +161,7 @@ def test_sample_auto_default_output_is_a_sibling_folder_also_for_dot(runs, tiny_
     data_dir = tmp_path / "cases"
     shutil.copytree(tiny_demo_dir / "pseudo_validation", data_dir)
     monkeypatch.chdir(data_dir)
-    assert run_main("sample_auto", ["--data_dir", ".", "--model_dir", runs.all, "--steps", 1]) == EXIT_OK
+    assert run_main("sample_auto", ["--data_dir", ".", "--model_dir", runs.all, "--nfe", 1]) == EXIT_OK
     assert len(list((tmp_path / "cases_completed").rglob("*.nii.gz"))) == 2
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
@@ -174,8 +174,8 @@ def test_sample_auto_in_place_only_adds_files(runs, tiny_demo_dir, tmp_path):
     original = digest(data_dir)
 
     # only one case's model: that case is completed, the other one reported (exit code 1)
-    argv = ["--data_dir", data_dir, "--in_place", "--steps", 2]
-    assert run_main("sample_auto", [*argv, "--model", f"{first_modality}={runs.all / first_modality / 'best.pt'}"]) \
+    argv = ["--data_dir", data_dir, "--in_place", "--nfe", 2]
+    assert run_main("sample_auto", [*argv, "--checkpoint", f"{first_modality}={runs.all / first_modality / 'best.pt'}"]) \
         == EXIT_SOME_FAILED
     after_first = digest(data_dir)
     assert {k: v for k, v in after_first.items() if k in original} == original

@@ -169,8 +169,7 @@ def test_weights_that_do_not_fit_their_config_are_refused(tmp_path):
 
 def test_partial_checkpoint_files_are_never_taken_for_models(tmp_path):
     """A killed save leaves ``.<name>.<random>.tmp``; model discovery only takes the final names."""
-    sys.path.insert(0, str(SCRIPTS))
-    import sample_auto
+    from guided_diffusion.commands import sample_auto
 
     (tmp_path / "t2f").mkdir()
     (tmp_path / "t2f" / ".best.pt.abc123.tmp").write_bytes(b"partial")

@@ -11,48 +11,37 @@ byte for byte; the input is only read. Incomplete, unreadable or corrupt input c
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cli_common as cli  # noqa: E402
-
-from guided_diffusion.demo_data import drop_modalities  # noqa: E402
+from guided_diffusion import cli
+from guided_diffusion.demo_data import drop_modalities
 
 logger = logging.getLogger("drop_modality")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add = parser.add_argument
-    add("--input", required=True, help="BraTS-layout folder of complete cases (only read)")
-    add("--output", required=True, help="folder to create with the reduced cases")
-    add("--seed", type=int, default=0, help="random seed of the dropped modalities (default 0)")
-    add("--keep_seg", action="store_true", help="also copy the segmentations (BraSyn "
-        "validation has none; default off)")
-    add("--overwrite", action="store_true", help="replace a non-empty --output folder")
-    add("--skip_data_check", action="store_true", help="check headers only, not every voxel "
-        "(faster; a corrupt file would then be copied as it is)")
-    add("--verbose", action="store_true", help="debug logging")
-    return parser.parse_args(argv)
+def parse_args(argv: list[str] | None = None):
+    p = cli.ArgumentParser(description=__doc__)
+    p.add_argument("--input", required=True, help="BraTS-layout folder of complete cases (only read)")
+    p.add_argument("--output", required=True, help="folder to create with the reduced cases")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the dropped modalities (default 0)")
+    p.add_argument("--keep_seg", action="store_true",
+                   help="also copy the segmentations (BraSyn validation has none; default off)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    p.add_argument("--skip_data_check", action="store_true",
+                   help="check headers only, not every voxel (faster; a corrupt file would then be copied as it is)")
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cli.setup_logging(args.verbose)
-    missing, errors = drop_modalities(
-        args.input, args.output, seed=args.seed, keep_seg=args.keep_seg,
-        overwrite=args.overwrite, check_data=not args.skip_data_check,
-    )
+    missing, errors = drop_modalities(args.input, args.output, seed=args.seed, keep_seg=args.keep_seg,
+                                      overwrite=args.overwrite, check_data=not args.skip_data_check)
     logger.info("wrote %d cases to %s, dropped: %s", len(missing), args.output,
                 dict(sorted(Counter(missing.values()).items())))
     return cli.report_failures(errors, "input cases")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry point ``fast-cwdm-drop-modality`` (and ``python scripts/drop_modality.py``)."""
     cli.main_guard(main)

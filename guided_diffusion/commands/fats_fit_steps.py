@@ -1,40 +1,36 @@
-"""Learn K-step sampling timesteps for a checkpoint on held-out cases and store them in it.
+r"""Learn K-step sampling timesteps for a checkpoint on held-out cases and store them in it.
 
 Works for any checkpoint: a FATS run (done automatically at the end of `train.py --preset fats`),
 a shared-schedule Fast-cWDM checkpoint, or cWDM's published weights (only the choice of
 timesteps is training-free for those).
 
     python scripts/fats_fit_steps.py --checkpoint runs/fats/t2f/best.pt --data_dir data/held_out \
-        --contr t2f --k 1 2 4 10 --out runs/fats/t2f/best_steps.pt
+        --target t2f --k 1 2 4 10 --out runs/fats/t2f/best_steps.pt
 
 The held-out cases must not be used for anything else you report on.
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cli_common as cli  # noqa: E402
-import torch  # noqa: E402
+import torch
 
-from guided_diffusion.bratsloader import BratsDataset  # noqa: E402
-from guided_diffusion.checkpoints import is_bare_state_dict, load_model, read_checkpoint, resolve_model_source, save_checkpoint  # noqa: E402
-from guided_diffusion.conditioning import MODALITIES  # noqa: E402
-from guided_diffusion.fats_training import DEFAULT_K, fit_sampling_steps, held_out_cases, with_learned_steps  # noqa: E402
+from guided_diffusion import cli
+from guided_diffusion.bratsloader import BratsDataset
+from guided_diffusion.checkpoints import is_bare_state_dict, load_model, read_checkpoint, resolve_model_source, save_checkpoint
+from guided_diffusion.fats_training import DEFAULT_K, fit_sampling_steps, held_out_cases, with_learned_steps
 
 logger = logging.getLogger("fats_fit_steps")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint", required=True, help="a .pt/.safetensors path or hf://<org>/<repo>/<file>[@rev]")
     p.add_argument("--data_dir", required=True, help="held-out cases with all four modalities")
-    p.add_argument("--contr", required=True, choices=MODALITIES, help="the modality the model synthesises")
+    cli.add_target_argument(p, "the modality the model synthesises", required=True)
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 10], help="step budgets to learn (default 1 2 4 10)")
-    p.add_argument("--default_k", type=int, default=DEFAULT_K, help="budget used when sampling without --steps")
+    p.add_argument("--default_k", type=int, default=DEFAULT_K, help="budget used when sampling without --nfe")
     p.add_argument("--max_cases", type=int, default=4, help="held-out cases used for fitting (seeded subset)")
     p.add_argument("--seed", type=int, default=0, help="seed of the case subset and the starting noise")
     p.add_argument("--out", required=True, help="output checkpoint (refuses to overwrite unless --overwrite)")
@@ -54,7 +50,7 @@ def checkpoint_dict_for(path: Path, loaded) -> dict:
 
 
 def fit_and_store(checkpoint_path: Path, data_dir: str, target: str, ks, out: Path, *, default_k: int = DEFAULT_K,
-                  max_cases: int = 4, seed: int = 0, device: str = "cpu") -> dict:
+                  max_cases: int = 4, seed: int = 0, device: str | torch.device = "cpu") -> dict:
     loaded = load_model(checkpoint_path, device=device)
     cases, failures, geometry = cli.find_cases(data_dir, "train", check_data=False)
     for failure in failures:
@@ -67,13 +63,12 @@ def fit_and_store(checkpoint_path: Path, data_dir: str, target: str, ks, out: Pa
 
 
 def main(argv=None) -> int:
-    cli.setup_logging()
     args = parse_args(argv)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         return cli.fatal(f"{out}: exists; pass --overwrite to replace it")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    results = fit_and_store(resolve_model_source(args.checkpoint), args.data_dir, args.contr, args.k, out,
+    device = cli.default_device(args.device)
+    results = fit_and_store(resolve_model_source(args.checkpoint), args.data_dir, args.target, args.k, out,
                             default_k=args.default_k, max_cases=args.max_cases, seed=args.seed, device=device)
     for k, r in sorted(results.items()):
         print(f"K={k}: steps {r['steps']}  held-out error {r['error']:.5g}  (uniform {r['uniform_error']:.5g})")
@@ -81,5 +76,6 @@ def main(argv=None) -> int:
     return cli.EXIT_OK
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry point ``fast-cwdm-fats-fit-steps`` (and ``python scripts/fats_fit_steps.py``)."""
     cli.main_guard(main)

@@ -6,43 +6,37 @@ subband grid). Writes a JSON with the statistics and, for reference, the energy-
 shifts at kappa = 1 (``delta_b = -log(E_b / mean E)``, capped at 4).
 
 Example (from the repo root):
-    python scripts/fats_stats.py --data_dir data/demo/training --contr t2f --out runs/fats_stats_t2f.json
+    python scripts/fats_stats.py --data_dir data/demo/training --target t2f --out runs/fats_stats_t2f.json
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import random
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cli_common as cli  # noqa: E402
-
-from DWT_IDWT import to_subbands  # noqa: E402
-from guided_diffusion.bratsloader import BratsDataset, CaseError  # noqa: E402
-from guided_diffusion.conditioning import MODALITIES, split_case  # noqa: E402
-from guided_diffusion.fileio import save_json  # noqa: E402
-from guided_diffusion.fats import band_energy_stats, shifts_from_energy  # noqa: E402
+from DWT_IDWT import to_subbands
+from guided_diffusion import cli
+from guided_diffusion.bratsloader import BratsDataset, CaseError
+from guided_diffusion.conditioning import split_case
+from guided_diffusion.fileio import save_json
+from guided_diffusion.fats import band_energy_stats, shifts_from_energy
 
 logger = logging.getLogger("fats_stats")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None):
+    parser = cli.ArgumentParser(description=__doc__)
     add = parser.add_argument
     add("--data_dir", required=True, help="BraTS-layout training folder (one sub-folder per case, all four modalities)")
-    add("--contr", required=True, choices=MODALITIES, help="target modality whose subbands are measured")
+    cli.add_target_argument(parser, "target modality whose subbands are measured", required=True)
     add("--out", required=True, help="output JSON file")
     add("--max_cases", type=int, default=0, help="measure a random sample of at most this many cases (0: all)")
     add("--seed", type=int, default=0, help="seed of the case sample (default 0)")
-    add("--verbose", action="store_true", help="debug logging (one line per case)")
     return parser.parse_args(argv)
 
 
-def _targets(dataset: BratsDataset, indices: list[int], contr: str, used: list[str], failures: list):
+def _targets(dataset: BratsDataset, indices: list[int], target: str, used: list[str], failures: list):
     """Yield (target subbands (1, 8, d, h, w), brain mask (D, H, W)) per readable case."""
     for i in indices:
         try:
@@ -50,15 +44,14 @@ def _targets(dataset: BratsDataset, indices: list[int], contr: str, used: list[s
         except CaseError as err:
             failures.append(err)
             continue
-        target, _ = split_case(item["volumes"][None], contr)
+        target_volume, _ = split_case(item["volumes"][None], target)
         used.append(item["case_id"])
         logger.debug("case %s", item["case_id"])
-        yield to_subbands(target), item["brain_mask"]
+        yield to_subbands(target_volume), item["brain_mask"]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cli.setup_logging(args.verbose)
     if args.max_cases < 0:
         return cli.fatal(f"--max_cases must be >= 0, got {args.max_cases}")
     cases, errors, geometry = cli.find_cases(args.data_dir, "train", check_data=False)
@@ -69,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     used, failures = [], list(errors)
     start = time.perf_counter()
     # Streamed: zip inside band_energy_stats keeps at most one case in the tee buffer.
-    first, second = itertools.tee(_targets(dataset, indices, args.contr, used, failures))
+    first, second = itertools.tee(_targets(dataset, indices, args.target, used, failures))
     try:
         stats = band_energy_stats((p[0] for p in first), (p[1] for p in second))
     except ValueError:
@@ -77,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             return cli.fatal(f"no readable case among the {len(indices)} selected in {args.data_dir}: {failures[:1]}")
         raise
     stats.update({
-        "target_modality": args.contr, "data_dir": str(args.data_dir), "case_ids": used,
+        "target_modality": args.target, "data_dir": str(args.data_dir), "case_ids": used,
         "network_shape": list(geometry.network_shape), "seed": args.seed, "max_cases": args.max_cases,
         "shifts_kappa1_mean": list(shifts_from_energy(stats, kappa=1.0, reference="mean")),
     })
@@ -87,5 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     return cli.report_failures(failures, "cases")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry point ``fast-cwdm-fats-stats`` (and ``python scripts/fats_stats.py``)."""
     cli.main_guard(main)

@@ -9,58 +9,48 @@ Generation takes about 0.2 s per case at 0.25 (11 s per case at 1.0).
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cli_common as cli  # noqa: E402
-
-from guided_diffusion.bratsloader import Geometry  # noqa: E402
-from guided_diffusion.demo_data import make_demo_dataset  # noqa: E402
+from guided_diffusion import cli
+from guided_diffusion.bratsloader import Geometry
+from guided_diffusion.demo_data import make_demo_dataset
 
 logger = logging.getLogger("make_demo_data")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add = parser.add_argument
-    add("--out", required=True, help="output folder; gets training/, validation/, "
-        "pseudo_validation/ and pseudo_validation_gt/")
-    add("--size", type=float, default=0.25, help="scale of the BraTS 240x240x155 grid, in "
-        "(0, 1] (default 0.25: 60x60x39 with 4 mm voxels)")
-    add("--levels", type=int, default=3, help="the network grid must be divisible by "
-        "2**levels (default 3: DWT + 2 UNet downsamplings)")
-    add("--seed", type=int, default=0, help="random seed; a case depends only on seed and id")
-    add("--n_train", type=int, default=8, help="training cases, with seg (default 8)")
-    add("--n_val", type=int, default=2, help="validation cases, no seg (default 2)")
-    add("--n_pseudo", type=int, default=4, help="pseudo-validation cases, one modality "
-        "dropped; complete copies in pseudo_validation_gt/ (default 4)")
-    add("--overwrite", action="store_true", help="replace the split folders of a non-empty "
-        "--out (anything else in it is kept)")
-    add("--verbose", action="store_true", help="debug logging (one line per case)")
-    return parser.parse_args(argv)
+def parse_args(argv: list[str] | None = None):
+    p = cli.ArgumentParser(description=__doc__)
+    p.add_argument("--out", required=True,
+                   help="output folder; gets training/, validation/, pseudo_validation/ and pseudo_validation_gt/")
+    p.add_argument("--size", type=float, default=0.25,
+                   help="scale of the BraTS 240x240x155 grid, in (0, 1] (default 0.25: 60x60x39 with 4 mm voxels)")
+    p.add_argument("--levels", type=int, default=3,
+                   help="the network grid must be divisible by 2**levels (default 3: DWT + 2 UNet downsamplings)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; a case depends only on seed and id")
+    p.add_argument("--n_train", type=int, default=8, help="training cases, with seg (default 8)")
+    p.add_argument("--n_val", type=int, default=2, help="validation cases, no seg (default 2)")
+    p.add_argument("--n_pseudo", type=int, default=4,
+                   help="pseudo-validation cases, one modality dropped; complete copies in pseudo_validation_gt/ "
+                        "(default 4)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the split folders of a non-empty --out (anything else in it is kept)")
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cli.setup_logging(args.verbose)
     geometry = Geometry.scaled(args.size)
     geometry.check_divisible(args.levels)
     start = time.perf_counter()
-    written = make_demo_dataset(
-        args.out, geometry=geometry, seed=args.seed, n_train=args.n_train,
-        n_val=args.n_val, n_pseudo=args.n_pseudo, overwrite=args.overwrite,
-    )
+    written = make_demo_dataset(args.out, geometry=geometry, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
+                                n_pseudo=args.n_pseudo, overwrite=args.overwrite)
     logger.info("wrote %d cases in %.1f s: original grid %s, network grid %s",
                 sum(len(v) for v in written.values()), time.perf_counter() - start,
                 geometry.original_shape, geometry.network_shape)
     return cli.EXIT_OK
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry point ``fast-cwdm-make-demo-data`` (and ``python scripts/make_demo_data.py``)."""
     cli.main_guard(main)

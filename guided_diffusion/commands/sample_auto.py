@@ -1,7 +1,9 @@
-"""Fill in the missing modality of every case in a folder (BraSyn "auto" mode).
+r"""Fill in the missing modality of every case in a folder (BraSyn "auto" mode).
 
     python scripts/sample_auto.py --data_dir data/demo/pseudo_validation --model_dir runs/demo \
-        [--out_dir completed/] [--model t1c=hf://org/repo/t1c.pt@<revision>] [--steps 4]
+        [--out_dir completed/] [--checkpoint t1c=hf://org/repo/t1c.pt@<revision>] [--nfe 4]
+
+(installed: ``fast-cwdm-sample-auto`` with the same flags).
 
 For each case with exactly one of t1n/t1c/t2w/t2f missing, detects which, picks that modality's
 model, synthesises it and writes <out_dir>/<case>/<case>-<missing>.nii.gz on the case's original
@@ -10,41 +12,37 @@ the input folder (never overwriting a file). Bad cases are reported at the end (
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cli_common as cli  # noqa: E402
-import torch  # noqa: E402
-from sample import (add_sampling_arguments, check_model_target, checkpoint_sample_defaults, default_device,  # noqa: E402
-                    sample_config_from_args)
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-from guided_diffusion.bratsloader import CaseError, expected_path, load_case, save_volume, to_original_grid  # noqa: E402
-from guided_diffusion.checkpoints import CheckpointError, load_model, resolve_model_source  # noqa: E402
-from guided_diffusion.conditioning import MODALITIES  # noqa: E402
-from guided_diffusion.fileio import save_json  # noqa: E402
-from guided_diffusion.runinfo import run_info  # noqa: E402
-from guided_diffusion.synthesis import choose_steps, synthesize  # noqa: E402
+from guided_diffusion import cli
+from guided_diffusion.bratsloader import CaseError, expected_path, load_case, save_volume, to_original_grid
+from guided_diffusion.checkpoints import CheckpointError, load_model, resolve_model_source
+from guided_diffusion.fileio import save_json
+from guided_diffusion.constants import MODALITIES
+from guided_diffusion.runinfo import run_info
+from guided_diffusion.synthesis import choose_steps, synthesize
 
 logger = logging.getLogger("sample_auto")
 CHECKPOINT_NAMES = ("{m}/best.pt", "{m}/latest.pt", "{m}.safetensors", "{m}.pt")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--data_dir", required=True, help="folder of cases, each with exactly one modality missing")
-    p.add_argument("--model", action="append", default=[], metavar="MOD=SOURCE",
+    p.add_argument("--checkpoint", action="append", default=[], metavar="MOD=SOURCE",
                    help="model for one modality: a local .pt/.safetensors path or hf://<org>/<repo>/<file>[@revision]"
                         " (repeatable; overrides --model_dir)")
+    p.add_renamed_flag("--model", "--checkpoint")
     p.add_argument("--model_dir", default=None,
                    help="folder with one model per modality: <mod>/best.pt, <mod>/latest.pt, <mod>.safetensors or <mod>.pt")
     p.add_argument("--out_dir", default=None, help="output folder (default: <data_dir>_completed)")
     p.add_argument("--in_place", action="store_true", help="write into --data_dir itself (never overwrites a file)")
     p.add_argument("--hf_cache", default=None, help="Hugging Face cache folder (default: the hub's own)")
-    add_sampling_arguments(p)
+    cli.add_sampling_arguments(p)
     return p.parse_args(argv)
 
 
@@ -57,10 +55,10 @@ def model_sources(args) -> dict[str, str]:
                 if path.is_file():
                     sources[m] = str(path)
                     break
-    for spec in args.model:
+    for spec in args.checkpoint:
         mod, sep, source = spec.partition("=")
         if not sep or mod not in MODALITIES or not source:
-            raise ValueError(f"--model {spec!r}: expected MOD=SOURCE with MOD one of {MODALITIES}")
+            raise ValueError(f"--checkpoint {spec!r}: expected MOD=SOURCE with MOD one of {MODALITIES}")
         sources[mod] = source
     return sources
 
@@ -76,24 +74,23 @@ def unused_path(path: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    cli.setup_logging()
     args = parse_args(argv)
     if args.in_place and args.out_dir:
         return cli.fatal("--in_place and --out_dir are exclusive")
     data_dir = Path(args.data_dir)
     out_dir = data_dir if args.in_place else Path(args.out_dir or f"{data_dir.resolve()}_completed")  # '.' too
-    device = default_device(args.device)
+    device = cli.default_device(args.device)
     sources = model_sources(args)
     cases, failures, geometry = cli.find_cases(str(data_dir), "auto", check_data=False)
     needed = sorted({c.missing for c in cases})
     models, model_errors = {}, {}
     for mod in needed:
         if mod not in sources:
-            model_errors[mod] = f"no model for {mod}: pass --model {mod}=<checkpoint> or a --model_dir with {mod}/best.pt"
+            model_errors[mod] = f"no model for {mod}: pass --checkpoint {mod}=<checkpoint> or a --model_dir with {mod}/best.pt"
             continue
         try:
             loaded = load_model(resolve_model_source(sources[mod], args.hf_cache), device=device)
-            check_model_target(loaded, mod, sources[mod])
+            cli.check_model_target(loaded, mod, sources[mod])
             models[mod] = loaded
         except CheckpointError as err:
             model_errors[mod] = str(err)
@@ -107,7 +104,7 @@ def main(argv=None) -> int:
             if out_path.exists():
                 raise CaseError(out_path, "output exists; refusing to overwrite it")
             loaded = models[target]
-            cfg = sample_config_from_args(args, checkpoint_sample_defaults(loaded))
+            cfg = cli.sample_config_from_args(args, cli.checkpoint_sample_defaults(loaded))
             steps, origin = choose_steps(loaded, cfg)
             data = load_case(case, geometry)
             pred = synthesize(loaded, torch.from_numpy(data.volumes)[None], target, cfg, [case.case_id], steps)[0]
@@ -124,5 +121,6 @@ def main(argv=None) -> int:
     return cli.report_failures(failures, "cases")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry point ``fast-cwdm-sample-auto`` (and ``python scripts/sample_auto.py``)."""
     cli.main_guard(main)

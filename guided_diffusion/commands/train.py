@@ -1,41 +1,41 @@
 """Train a Fast-cWDM model for one target modality (or each modality in turn).
 
-Single process:   python scripts/train.py --preset demo --data_dir data/demo/training --contr t2f
+Single process:   python scripts/train.py --preset demo --data_dir data/demo/training --target t2f
 Several GPUs:     torchrun --nproc_per_node 4 scripts/train.py --preset unet --data_dir /data/BraTS/train
 Resume:           add --resume auto (latest.pt of the run folder) or --resume path/to/latest.pt
+Installed:        fast-cwdm-train with the same flags
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cli_common as cli  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-from guided_diffusion.bratsloader import BratsDataset, CaseError  # noqa: E402
-from guided_diffusion.conditioning import MODALITIES  # noqa: E402
-from guided_diffusion.fileio import save_json  # noqa: E402
-from guided_diffusion.presets import get_preset  # noqa: E402
-from guided_diffusion.runinfo import run_info  # noqa: E402
-from guided_diffusion.train_util import LATEST, Trainer, TrainingDiverged, setup_distributed  # noqa: E402
+from guided_diffusion import cli
+from guided_diffusion.bratsloader import BratsDataset, CaseError
+from guided_diffusion.checkpoints import read_checkpoint, save_checkpoint
+from guided_diffusion.fileio import save_json
+from guided_diffusion.constants import MODALITIES, PRECISIONS
+from guided_diffusion.fats_training import fit_sampling_steps, held_out_cases, prepare_fats_schedule, with_learned_steps
+from guided_diffusion.presets import get_preset
+from guided_diffusion.runinfo import run_info
+from guided_diffusion.train_util import LATEST, Trainer, TrainingDiverged, setup_distributed
 
 logger = logging.getLogger("train")
 FATS_STEP_BUDGETS = (1, 2, 4, 10)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    p = cli.ArgumentParser(description=__doc__)
     cli.add_preset_argument(p)
     p.add_argument("--data_dir", required=True, help="BraTS-layout folder of training cases (all four modalities)")
     p.add_argument("--val_dir", default=None, help="folder of validation cases with all four modalities "
                                                    "(default: hold out --val_cases cases of --data_dir)")
     p.add_argument("--run_dir", default="runs/train", help="output folder; one sub-folder per target modality")
-    p.add_argument("--contr", default="t2f", choices=[*MODALITIES, "all"],
-                   help="target modality to synthesise, or 'all' for one model per modality in turn")
+    cli.add_target_argument(p, "modality to synthesise, or 'all' for one model per modality in turn (default t2f)",
+                            allow_all=True, default="t2f")
     p.add_argument("--max_steps", type=int, default=None, help="total training steps (preset default otherwise)")
     p.add_argument("--save_interval", type=int, default=None, help="steps between checkpoints (latest.pt)")
     p.add_argument("--val_interval", type=int, default=None, help="steps between validations (best.pt); 0 = never")
@@ -43,11 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log_interval", type=int, default=None, help="steps between log lines / TensorBoard scalars")
     p.add_argument("--batch_size", type=int, default=None, help="batch size per process")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="bf16 = autocast to bfloat16")
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help="bf16 = autocast to bfloat16")
     p.add_argument("--use_checkpoint", action="store_true", help="activation checkpointing (less memory, slower)")
     p.add_argument("--num_workers", type=int, default=None, help="data-loading worker processes")
     p.add_argument("--seed", type=int, default=None, help="random seed (weights, data order, noise)")
-    p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' for <run_dir>/<contr>/latest.pt")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' for <run_dir>/<target>/latest.pt")
     p.add_argument("--init_from", default=None, help="initial weights (e.g. a cWDM checkpoint); not a resume")
     p.add_argument("--skip_data_check", action="store_true",
                    help="do not read every voxel before training (faster start on large datasets)")
@@ -68,8 +68,6 @@ def train_one(args, preset, target: str, train_cases, val_cases, geometry, dist)
     val_set = BratsDataset(val_cases, geometry) if val_cases else None
     diffusion_cfg, schedule, extra = preset.diffusion, None, {}
     if diffusion_cfg.kind == "fats":
-        from guided_diffusion.fats_training import prepare_fats_schedule
-
         diffusion_cfg, schedule, extra = prepare_fats_schedule(diffusion_cfg, train_set, target, train_cfg.seed)
     extra = {**extra, "sample": preset.sample.to_dict()}
     trainer = Trainer(model_cfg, diffusion_cfg, train_cfg, train_set, val_set, dist, schedule=schedule, extra=extra)
@@ -120,9 +118,6 @@ def remove_partial_saves(run_dir: Path) -> None:
 def fit_fats_steps(trainer, val_set, target: str, run_dir: Path) -> None:
     """FATS: learn the K-step sampling timesteps of the best checkpoint's EMA weights on the
     validation cases, and store them in best.pt and latest.pt."""
-    from guided_diffusion.checkpoints import read_checkpoint, save_checkpoint
-    from guided_diffusion.fats_training import fit_sampling_steps, held_out_cases, with_learned_steps
-
     source = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / LATEST
     trainer.ema.load_state_dict(read_checkpoint(source)["ema"])
     cases = held_out_cases(val_set, target, trainer.device, max_cases=len(val_set), seed=trainer.cfg.seed)
@@ -136,7 +131,6 @@ def fit_fats_steps(trainer, val_set, target: str, run_dir: Path) -> None:
 
 
 def main(argv=None) -> int:
-    cli.setup_logging()
     args = parse_args(argv)
     preset = get_preset(args.preset)
     dist = setup_distributed(prefer_cuda=not args.cpu)
@@ -157,7 +151,7 @@ def main(argv=None) -> int:
         train_cases, val_cases = cases[: len(cases) - n_val], cases[len(cases) - n_val:]
     logger.info("%d training cases, %d validation cases, network grid %s (preset %s)", len(train_cases),
                 len(val_cases), geometry.network_shape, args.preset)
-    targets = list(MODALITIES) if args.contr == "all" else [args.contr]
+    targets = list(MODALITIES) if args.target == "all" else [args.target]
     for target in targets:
         try:
             train_one(args, preset, target, train_cases, val_cases, geometry, dist)
@@ -169,5 +163,6 @@ def main(argv=None) -> int:
     return cli.report_failures(failures, "cases or models")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry point ``fast-cwdm-train`` (and ``python scripts/train.py``)."""
     cli.main_guard(main)

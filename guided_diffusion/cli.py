@@ -1,0 +1,182 @@
+"""Command-line plumbing shared by every command (layer 5: the only layer that parses argv).
+
+The commands themselves live in :mod:`guided_diffusion.commands` (one module each, with a
+``main(argv) -> exit code`` and a ``run()`` console entry point); ``scripts/*.py`` and the
+``fast-cwdm-*`` console scripts of ``pyproject.toml`` only call ``run()``.
+
+Exit codes: 0 everything worked, 1 some cases (or models) failed and were reported,
+2 nothing could be done (bad arguments, no data, unreadable model), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .bratsloader import CaseError, common_geometry, discover_cases
+from .checkpoints import CheckpointError
+from .config import SampleConfig
+from .constants import MODALITIES, PRECISIONS, SAMPLERS
+from .extras import MissingExtraError
+from .presets import PRESETS
+
+logger = logging.getLogger("fastcwdm")
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The parser of every command: ``--verbose``, logging, and renamed flags that keep working.
+
+    Parsing also sets up logging (INFO, or DEBUG with ``--verbose``). ``add_renamed_flag("--contr",
+    "--target")`` makes ``--contr X`` (and ``--contr=X``) mean ``--target X`` and print a
+    deprecation note on stderr; ``--help`` shows the new name, its help text mentions the old one.
+    The description is shown as written.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.renamed_flags: dict[str, str] = {}
+        self.add_argument("--verbose", action="store_true", help="debug logging")
+
+    def add_renamed_flag(self, old: str, new: str) -> None:
+        """Accept ``old`` as a deprecated spelling of the already-added option ``new``."""
+        action = self._option_string_actions[new]
+        action.help = f"{action.help} (old spelling {old}, deprecated)"
+        self.renamed_flags[old] = new
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        namespace, extras = super().parse_known_args(self._new_spellings(args), namespace)
+        setup_logging(namespace.verbose)
+        return namespace, extras
+
+    def _new_spellings(self, args: list) -> list:
+        out, noted = [], set()
+        for i, arg in enumerate(args):
+            if arg == "--":  # everything after it is positional
+                return out + args[i:]
+            flag, sep, value = arg.partition("=") if isinstance(arg, str) else (arg, "", "")
+            if flag in self.renamed_flags:
+                new = self.renamed_flags[flag]
+                if flag not in noted:
+                    noted.add(flag)
+                    sys.stderr.write(f"{self.prog}: note: {flag} is deprecated, use {new} (same meaning)\n")
+                arg = f"{new}{sep}{value}"
+            out.append(arg)
+        return out
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def add_preset_argument(parser: ArgumentParser, default: str = "demo") -> None:
+    parser.add_argument("--preset", default=default, choices=sorted(PRESETS),
+                        help=f"preset that sets every hyperparameter (default {default}); flags override")
+
+
+def add_target_argument(parser: ArgumentParser, help: str, *, allow_all: bool = False, **kwargs) -> None:
+    """``--target MOD``: the modality a model synthesises (cWDM's ``--contr`` still accepted)."""
+    choices = [*MODALITIES, "all"] if allow_all else list(MODALITIES)
+    parser.add_argument("--target", choices=choices, help=help, **kwargs)
+    parser.add_renamed_flag("--contr", "--target")
+
+
+def add_sampling_arguments(parser: ArgumentParser) -> None:
+    """Flags that override the sampling settings a checkpoint carries (``SampleConfig``)."""
+    p = parser
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="ddpm (ancestral) or ddim (deterministic with eta=0)")
+    p.add_argument("--nfe", type=int, default=None,
+                   help="network evaluations per volume; 0 = the checkpoint's default (learned FATS steps or all steps)")
+    p.add_renamed_flag("--steps", "--nfe")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--no_clip", action="store_true", help="disable cWDM's x0 clipping (IDWT, clamp [0,1], DWT)")
+    p.add_argument("--seed", type=int, default=None, help="seed; each case's noise depends on (seed, case id) only")
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help="bf16 = autocast the network")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
+def override(cfg, **changes):
+    """A copy of a frozen config with the non-None values of ``changes`` applied."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def sample_config_from_args(args: argparse.Namespace, checkpoint_default: SampleConfig) -> SampleConfig:
+    """The checkpoint's sampling settings with the flags of :func:`add_sampling_arguments` applied."""
+    return override(checkpoint_default, sampler=args.sampler, steps=args.nfe, eta=args.eta, seed=args.seed,
+                    precision=args.precision, clip_denoised=False if args.no_clip else None)
+
+
+def checkpoint_sample_defaults(loaded) -> SampleConfig:
+    """The sampling settings stored with the model by its preset (SampleConfig defaults otherwise)."""
+    return SampleConfig.from_dict(loaded.extra.get("sample", {}))
+
+
+def check_model_target(loaded, target: str, source: str) -> None:
+    """Refuse a model trained to synthesise another modality (cWDM weights do not say: accepted)."""
+    trained = loaded.target_modality
+    if trained and trained != target and not loaded.model_config.num_modality_labels:
+        raise CheckpointError(f"{source}: this model was trained to synthesise {trained}, not {target}")
+
+
+def default_device(name: str | None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def find_cases(data_dir: str, mode: str, check_data: bool):
+    """Discover cases; a missing folder or no usable case is fatal (CaseError).
+
+    Returns (cases, per-case errors, the dataset's Geometry): the most common shape decides,
+    cases of another shape are errors."""
+    cases, errors = discover_cases(data_dir, mode=mode, geometry=None, check_data=check_data)
+    geometry, cases, off_grid = common_geometry(cases)
+    errors += off_grid
+    if not cases:
+        detail = f" ({len(errors)} bad cases, first: {errors[0]})" if errors else ""
+        raise CaseError(Path(data_dir), f"no usable {mode}-mode BraTS cases found{detail}")
+    return cases, errors, geometry
+
+
+def report_failures(failures: list[CaseError | str], what: str) -> int:
+    """Log a summary of per-case failures; the exit code for the batch."""
+    if not failures:
+        return EXIT_OK
+    logger.error("%d %s failed:", len(failures), what)
+    for failure in failures:
+        logger.error("  %s", failure)
+    return EXIT_SOME_FAILED
+
+
+def fatal(message: object) -> int:
+    logger.error("%s", message)
+    return EXIT_FATAL
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+
+
+def main_guard(main) -> None:
+    """Run ``main()`` and exit with its code; user-facing errors never show a traceback
+    (``FASTCWDM_DEBUG=1`` shows it)."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        code = EXIT_INTERRUPTED
+    except (CaseError, ValueError, FileExistsError, FileNotFoundError, PermissionError, RuntimeError,
+            MissingExtraError) as err:
+        if env_flag("FASTCWDM_DEBUG"):
+            raise
+        logger.error("%s", err)
+        code = EXIT_FATAL
+    sys.exit(code)
