@@ -66,8 +66,8 @@ def main() -> None:
         with torch.no_grad():
             err = (idwt3(dwt3(x)) - x).abs().max().item()
             err_dense = (dense_dwt_idwt(x) - x).abs().max().item()
-            ours, ours_all = median_seconds(lambda: idwt3(dwt3(x)), device, args.repeats)
-            dense, dense_all = median_seconds(lambda: dense_dwt_idwt(x), device, args.repeats)
+            ours, ours_all = median_seconds(lambda: idwt3(dwt3(x)), args.repeats)
+            dense, dense_all = median_seconds(lambda: dense_dwt_idwt(x), args.repeats)
         results[device] = {
             "shape": args.shape, "dtype": "float32", "repeats": args.repeats,
             "project_dwt_idwt_median_s": ours, "dense_matrix_dwt_idwt_median_s": dense,

@@ -1,22 +1,23 @@
 """Seconds per synthesised volume and peak memory at K network evaluations (NFE).
 
-One volume = the whole image-to-image synthesis: DWT of the three conditioning volumes
-(once), deterministic DDIM (eta = 0) over ``respaced_steps(1000, K)`` of the linear schedule
-with cWDM's clipping (IDWT -> clamp [0, 1] -> DWT of every x0 prediction), the IDWT of the
-result, the copy to the host and writing it as a gzipped NIfTI with nibabel (on the network
-grid; the crop back to BraTS's grid is not included).
+One volume = ``guided_diffusion.synthesis.synthesize_volumes``, the pipeline ``sample.py`` runs:
+DWT of the three conditioning volumes (once), the case's seeded noise, deterministic DDIM
+(eta = 0) over ``respaced_steps(1000, K)`` of the linear schedule with cWDM's clipping (IDWT ->
+clamp [0, 1] -> DWT of every x0 prediction), the precision applied by the denoiser, the IDWT of
+the result; then the copy to the host and writing it as a gzipped NIfTI with nibabel (on the
+network grid; the crop back to BraTS's grid is not included).
 
-The network is wrapped in a timing module (device synchronised before and after each call,
-bf16 autocast applied inside it), so each volume's time splits into network time, NIfTI
-writing time and the rest (wavelet transforms, clipping, sampler arithmetic).
+The network is wrapped in a timing module (device synchronised before and after each call;
+the bf16 autocast and the cast back stay in the denoiser around it), and the sampler's callback
+marks the end of the loop, so each volume's time splits into network time, the sampling loop,
+NIfTI writing time and the rest (wavelet transforms, clipping, sampler arithmetic).
 
 K values above ``--max_measured_k`` are not run: their time is extrapolated as
 seconds(K) = fixed + per_step * K, with the once-per-volume time and the sampling loop's time
 per step measured at the largest measured K, and they are marked ``"extrapolated": true``.
 
-Peak memory: as in bench_train_step.py (CUDA: max_memory_allocated; CPU: peak RSS from
-/proc/self/status after a /proc/self/clear_refs reset), in a fresh worker process, counted
-from before the model is built and reset before every volume. fp32 and bf16 volumes alternate
+Peak memory: see benchmarks/common.py; in a fresh worker process, counted from before the
+model is built and reset before every volume. fp32 and bf16 volumes alternate
 in that process so that both see the same machine load.
 
 The JSON also holds an audit of what the sampler does on the host per step: the sampler runs
@@ -50,72 +51,74 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_train_step import (  # noqa: E402
-    GIB, PRESETS, PeakMemory, command_line, cpu_description, mem_available_bytes, merge_result,
-    preset, run_isolated, setup_worker, warm_runtime,
+from benchmarks.common import (  # noqa: E402
+    PRESETS, RESULTS_DIR, PeakMemory, command_line, default_cpu_memory_limit, machine, merge_result, preset,
+    run_isolated, setup_worker, skip_reason, sync, warm_runtime,
 )
-from benchmarks.common import RESULTS_DIR, machine, sync  # noqa: E402
-from DWT_IDWT import clip_in_image_space, from_subbands, to_subbands  # noqa: E402
+from guided_diffusion.config import SampleConfig  # noqa: E402
+from guided_diffusion.constants import PRECISIONS  # noqa: E402
+from guided_diffusion.diffusion import randn  # noqa: E402
 from guided_diffusion.factory import build_model  # noqa: E402
-from guided_diffusion.diffusion import make_denoiser, randn  # noqa: E402
-from guided_diffusion.samplers import ddim_sample, ddpm_sample, respaced_steps  # noqa: E402
+from guided_diffusion.samplers import respaced_steps  # noqa: E402
 from guided_diffusion.schedules import linear  # noqa: E402
+from guided_diffusion.synthesis import synthesize_volumes  # noqa: E402
 
 K_VALUES = (1, 2, 4, 10, 100, 1000)
-PRECISIONS = ("fp32", "bf16")
+TARGET_MODALITY = "t2f"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class TimedNetwork(nn.Module):
-    """Wraps the network: optional bf16 autocast, device sync around the call, time and count."""
+    """Wraps the network: device sync around the call, time and count; records the first call's start."""
 
-    def __init__(self, model: nn.Module, precision: str = "fp32"):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.precision = precision
-        self.seconds = 0.0
-        self.calls = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds, self.calls, self.first_start = 0.0, 0, None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
         sync(x.device)
         start = time.perf_counter()
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            out = self.model(x, t, **kwargs)
-        out = out.to(x.dtype)  # the cast back from bf16 belongs to the network's cost
+        out = self.model(x, t, **kwargs)
         sync(x.device)
         self.seconds += time.perf_counter() - start
         self.calls += 1
+        self.first_start = start if self.first_start is None else self.first_start
         return out
 
 
-def synthesize_volume(net: TimedNetwork, schedule, cond_volumes: torch.Tensor, k: int,
-                      generator: torch.Generator, out_path: Path) -> dict:
-    """One full synthesis at K NFEs; returns its timings (seconds) and NFE.
+def synthesize_volume(net: TimedNetwork, schedule, volumes: torch.Tensor, k: int, precision: str,
+                      out_path: Path) -> dict:
+    """One full synthesis (``synthesize_volumes``) at K NFEs, written to ``out_path``; its timings
+    (seconds) and NFE.
 
-    cond_volumes: (1, 3, D, H, W) conditioning volumes on the device. ``loop_s`` is the
-    sampling loop; ``fixed_s`` everything done once per volume (conditioning DWT, x_T, final
-    IDWT, copy to host, NIfTI write), of which ``nifti_write_s`` is the write.
+    volumes: (1, 4, X, Y, Z) on the device. ``loop_s`` runs from the first network call to the
+    sampler's last callback; ``fixed_s`` is everything else done once per volume (conditioning
+    DWT, x_T, final IDWT, copy to host, NIfTI write), of which ``nifti_write_s`` is the write.
     """
-    device = cond_volumes.device
-    net.seconds, net.calls = 0.0, 0
+    device = volumes.device
+    net.reset()
+    loop_end = []
+
+    def mark_step(_info: dict) -> None:
+        sync(device)
+        loop_end[:] = [time.perf_counter()]
+
+    cfg = SampleConfig(sampler="ddim", eta=0.0, precision=precision, seed=0)
     sync(device)
     start = time.perf_counter()
-    cond = to_subbands(cond_volumes)  # once per volume; make_denoiser binds it for every step
-    denoiser = make_denoiser(net, schedule, cond)
-    x_T = randn((1, 8, *cond.shape[2:]), generator, device)
-    sync(device)
-    loop_start = time.perf_counter()
-    bands = ddim_sample(denoiser, schedule, x_T, respaced_steps(schedule.num_steps, k), eta=0.0,
-                        clip=clip_in_image_space)
-    sync(device)
-    loop_end = time.perf_counter()
-    volume = from_subbands(bands).clamp(0.0, 1.0)[0, 0].float().cpu().numpy()
+    synthesis = synthesize_volumes(net, schedule, volumes, TARGET_MODALITY, cfg, ["bench"],
+                                   respaced_steps(schedule.num_steps, k), callback=mark_step)
+    volume = synthesis[0].cpu().numpy()
     io_start = time.perf_counter()
     nib.save(nib.Nifti1Image(volume, np.eye(4)), str(out_path))
     end = time.perf_counter()
-    total = end - start
-    return {"total_s": total, "network_s": net.seconds, "loop_s": loop_end - loop_start,
-            "fixed_s": total - (loop_end - loop_start), "nifti_write_s": end - io_start, "nfe": net.calls}
+    total, loop = end - start, loop_end[0] - net.first_start
+    return {"total_s": total, "network_s": net.seconds, "loop_s": loop, "fixed_s": total - loop,
+            "nifti_write_s": end - io_start, "nfe": net.calls}
 
 
 def measure_sampling(spec: dict) -> dict:
@@ -127,25 +130,23 @@ def measure_sampling(spec: dict) -> dict:
     results = {p: {} for p in spec["precisions"]}
     try:
         torch.manual_seed(0)
-        model = build_model(cfg).to(device).eval().requires_grad_(False)
-        nets = {p: TimedNetwork(model, p) for p in spec["precisions"]}
+        net = TimedNetwork(build_model(cfg).to(device).eval().requires_grad_(False))
         schedule = linear()
-        gen = torch.Generator(device).manual_seed(0)
-        cond_volumes = torch.rand((1, 3, *shape), generator=gen, device=device)
-        with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        volumes = torch.rand((1, 4, *shape), generator=torch.Generator(device).manual_seed(0), device=device)
+        with tempfile.TemporaryDirectory() as tmp:
             out_path = Path(tmp) / "synthesis.nii.gz"
             for _ in range(spec["warmup"]):
-                for net in nets.values():
-                    synthesize_volume(net, schedule, cond_volumes, 1, gen, out_path)
+                for precision in spec["precisions"]:
+                    synthesize_volume(net, schedule, volumes, 1, precision, out_path)
             for k in spec["k_values"]:
                 for _ in range(spec["repeats"]):
-                    for precision, net in nets.items():
+                    for precision in spec["precisions"]:
                         memory.reset_peak()
-                        run = synthesize_volume(net, schedule, cond_volumes, k, gen, out_path)
+                        run = synthesize_volume(net, schedule, volumes, k, precision, out_path)
                         run["peak_memory_bytes"] = memory.peak_bytes()
                         results[precision].setdefault(k, []).append(run)
     except Exception as err:  # noqa: BLE001 - recorded as a skip
-        return {"skipped": True, "reason": f"{type(err).__name__}: {str(err).strip()[:300]}"}
+        return {"skipped": True, "reason": skip_reason(err)}
     return {"skipped": False, "by_precision": results, "peak_memory_method": memory.method}
 
 
@@ -236,32 +237,25 @@ def _call_site() -> str:
 
 
 def audit_host_work(config: str = "tiny", sampler: str = "ddim") -> dict:
-    """Per-step host<->device copies and host ops of the sampling loop, found on the meta device.
+    """Per-step host<->device copies and host ops of ``synthesize_volumes``, found on the meta device.
 
-    Runs the pipeline of :func:`synthesize_volume` (without I/O) for K = 1 and K = 3 with one
-    CPU generator per case, as ``guided_diffusion.synthesis.synthesize`` seeds them; the
-    per-step figures are (count(K=3) - count(K=1)) / 2, i.e. those of an intermediate step.
-    The model runs on ``meta`` (shapes only), so any config is cheap; host-side work is real.
+    Runs the synthesis (without I/O) for K = 1 and K = 3 with the model on ``meta`` (shapes only,
+    so any config is cheap; host-side work is real); the per-step figures are
+    (count(K=3) - count(K=1)) / 2, i.e. those of an intermediate step.
     """
     cfg, shape = preset(config)
     device = torch.device("meta")
     model = build_model(cfg).to(device).eval()
     schedule = linear()
+    sample_cfg = SampleConfig(sampler=sampler, eta=0.0, seed=0)
     counts, sizes = {}, {}
     for k in (1, 3):
-        generators = [torch.Generator().manual_seed(0)]
         half = tuple(s // 2 for s in shape)
         watch = {"conditioning_volumes": (1, 3, *shape), "conditioning_subbands": (1, 24, *half)}
+        volumes = torch.rand((1, 4, *shape), device=device)
         with torch.no_grad(), _HostAudit(watch) as audit:
-            cond = to_subbands(torch.rand((1, 3, *shape), device=device))
-            denoiser = make_denoiser(model, schedule, cond)
-            x_T = randn((1, 8, *cond.shape[2:]), generators, device)
-            steps = respaced_steps(schedule.num_steps, k)
-            if sampler == "ddim":
-                bands = ddim_sample(denoiser, schedule, x_T, steps, 0.0, generators, clip_in_image_space)
-            else:
-                bands = ddpm_sample(denoiser, schedule, x_T, steps, generators, clip_in_image_space)
-            from_subbands(bands)
+            synthesize_volumes(model, schedule, volumes, TARGET_MODALITY, sample_cfg, ["audit"],
+                               respaced_steps(schedule.num_steps, k))
         counts[k], sizes[k] = audit.events, audit.bytes
     per_step, per_volume = [], []
     for key in sorted(set(counts[1]) | set(counts[3])):
@@ -278,7 +272,7 @@ def audit_host_work(config: str = "tiny", sampler: str = "ddim") -> dict:
     for e in per_step:
         totals[e["kind"]] += e["per_step"]
         total_bytes[e["kind"]] += e.get("bytes_per_step", 0)
-    result = {"sampler": sampler, "config": config, "generators": "one CPU torch.Generator per case",
+    result = {"sampler": sampler, "config": config, "generators": "one CPU torch.Generator per case (synthesis)",
               "per_step": per_step, "once_per_volume": per_volume, "per_step_totals": dict(totals),
               "host_to_device_bytes_per_step": total_bytes["host_to_device_copy"]}
     if sampler == "ddpm":  # what the per-step noise costs the host at this size
@@ -336,10 +330,7 @@ def run_sampling_benchmark(config: str = "demo", device: str = "cpu", precisions
         max_measured_k = 100 if dev.type == "cuda" else 10
     k_values = sorted(set(k_values))
     measured_k = [k for k in k_values if k <= max_measured_k] or [min(k_values)]
-    if cpu_memory_limit_gb is None:
-        limit = int(0.8 * mem_available_bytes()) if dev.type == "cpu" else 0
-    else:
-        limit = int(cpu_memory_limit_gb * GIB)
+    limit = default_cpu_memory_limit(device, cpu_memory_limit_gb)
     load_start = os.getloadavg()[0]
     spec = {"config": config, "device": device, "precisions": list(precisions), "k_values": measured_k,
             "repeats": repeats, "warmup": warmup, "threads": threads or torch.get_num_threads(),
@@ -364,10 +355,11 @@ def run_sampling_benchmark(config: str = "demo", device: str = "cpu", precisions
         for a, b in zip(fp32["by_k"], bf16["by_k"]):
             b["speedup_vs_fp32"] = a["seconds_per_volume"] / b["seconds_per_volume"]
     entry = {
-        "command": command_line(), "machine": {**machine(), **cpu_description()},
+        "command": command_line(), "machine": machine(),
         "config": config, "device": device, "model_config": cfg.to_dict(),
         "volume_shape": [1, 1, *shape], "network_input_shape": [1, cfg.in_channels, *(s // 2 for s in shape)],
-        "sampler": "ddim eta=0, respaced_steps(1000, K) of the linear schedule, clip_in_image_space, i2i",
+        "sampler": "synthesize_volumes: ddim eta=0, respaced_steps(1000, K) of the linear schedule, "
+                   "clip_in_image_space, i2i, the case's CPU generator",
         "includes": "DWT of conditioning, sampling loop, IDWT, copy to host, nibabel .nii.gz write",
         "max_measured_k": max_measured_k, "measured_k": measured_k,
         "extrapolated_k": [k for k in k_values if k not in measured_k],

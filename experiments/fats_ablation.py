@@ -14,8 +14,11 @@ Data: a fresh seeded demo dataset. Training cases train every model; ``--n_fit``
 (never trained on) fit the learned timesteps; the ``--n_test`` pseudo-validation cases (never
 used for anything else) are scored with the BraSyn metrics on the network grid.
 
-    python benchmarks/fats_ablation.py                 # the full run (CPU, about half an hour)
-    python benchmarks/fats_ablation.py --quick --out /tmp/abl   # a smoke run in seconds
+    python experiments/fats_ablation.py                 # the full run (CPU, about half an hour)
+    python experiments/fats_ablation.py --quick --out /tmp/abl   # a smoke run in seconds
+
+Every test case is synthesised by ``guided_diffusion.synthesis.synthesize_volumes`` (the
+pipeline ``sample.py`` runs), with the variant's sampler, steps and precision.
 
 Writes <out>/fats_ablation.json (one record per variant and K), fats_ablation_psnr_nfe.png and
 fats_ablation_slices.png. Default out: benchmarks/results.
@@ -36,20 +39,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS_DIR, machine  # noqa: E402
-from DWT_IDWT import clip_in_image_space, from_subbands, to_subbands  # noqa: E402
 from guided_diffusion.bratsloader import BratsDataset, Geometry, discover_cases  # noqa: E402
-from guided_diffusion.conditioning import cond_modalities, modality_index, split_case  # noqa: E402
-from guided_diffusion.config import DiffusionConfig, TrainConfig  # noqa: E402
+from guided_diffusion.conditioning import cond_modalities, modality_index  # noqa: E402
+from guided_diffusion.config import DiffusionConfig, SampleConfig, TrainConfig  # noqa: E402
 from guided_diffusion.fileio import save_json  # noqa: E402
 from guided_diffusion.demo_data import make_demo_dataset  # noqa: E402
-from guided_diffusion.diffusion import make_denoiser, randn  # noqa: E402
 from guided_diffusion.fats_training import fit_sampling_steps, held_out_cases, prepare_fats_schedule  # noqa: E402
 from guided_diffusion.figures import slice_figure  # noqa: E402
 from guided_diffusion.metrics import evaluate_case  # noqa: E402
 from guided_diffusion.presets import DEMO_MODEL, TINY_MODEL  # noqa: E402
-from guided_diffusion.samplers import ddim_sample, ddpm_sample, respaced_steps  # noqa: E402
+from guided_diffusion.samplers import respaced_steps  # noqa: E402
 from guided_diffusion.schedules import NoiseSchedule, linear  # noqa: E402
-from guided_diffusion.seeding import case_generator  # noqa: E402
+from guided_diffusion.synthesis import synthesize_volumes  # noqa: E402
 from guided_diffusion.train_util import Trainer  # noqa: E402
 
 logger = logging.getLogger("fats_ablation")
@@ -111,31 +112,18 @@ def train_variant(name: str, diffusion_cfg: DiffusionConfig, schedule, train_set
 
 
 class Sampler:
-    """Samples the test cases with one model and scores them."""
+    """Synthesises the test cases with one model and scores them."""
 
     def __init__(self, test_items, args):
         self.items, self.args = test_items, args
 
-    @torch.no_grad()
     def run(self, model, schedule, steps, sampler: str) -> dict:
+        cfg = SampleConfig(sampler=sampler, eta=0.0, seed=self.args.seed, precision=self.args.precision)
         metrics, seconds, preds = [], [], []
         for item in self.items:
-            _, cond_vol = split_case(item["volumes"][None], self.args.contr)
             start = time.perf_counter()
-            cond = to_subbands(cond_vol)
-            inner = make_denoiser(model, schedule, cond)
-
-            def denoiser(x_t, t):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.precision == "bf16"):
-                    return inner(x_t, t).float()
-
-            gen = [case_generator(self.args.seed, item["case_id"])]
-            x_T = randn((1, 8, *cond.shape[2:]), gen, "cpu")
-            if sampler == "ddpm":
-                x0 = ddpm_sample(denoiser, schedule, x_T, steps, gen, clip_in_image_space)
-            else:
-                x0 = ddim_sample(denoiser, schedule, x_T, steps, 0.0, gen, clip_in_image_space)
-            pred = from_subbands(x0).clamp(0, 1)[0, 0].numpy()
+            pred = synthesize_volumes(model, schedule, item["volumes"][None], self.args.contr, cfg, [item["case_id"]],
+                                      steps)[0].cpu().numpy()
             seconds.append(time.perf_counter() - start)
             gt = item["volumes"][modality_index(self.args.contr)].numpy()
             metrics.append(evaluate_case(pred, gt, item["brain_mask"].numpy(), item["seg"].numpy(),

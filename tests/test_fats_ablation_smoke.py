@@ -1,4 +1,4 @@
-"""Smoke run of the FATS ablation benchmark (tiny data and model, a few training steps)."""
+"""Smoke run of the FATS ablation experiment (tiny data and model, a few training steps)."""
 import json
 import sys
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import fats_ablation  # noqa: E402
+from experiments import fats_ablation  # noqa: E402
 
 REQUIRED = {"variant", "train_schedule", "K", "nfe", "psnr", "ssim", "mse", "psnr_tumor", "ssim_tumor",
             "seconds_per_volume", "train_steps", "seed"}
