@@ -33,7 +33,6 @@ Results are merged into benchmarks/results/sampling.json under the key "<config>
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -52,8 +51,8 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
-    PRESETS, RESULTS_DIR, PeakMemory, command_line, default_cpu_memory_limit, machine, merge_result, preset,
-    run_isolated, setup_worker, skip_reason, sync, warm_runtime,
+    PeakMemory, benchmark_parser, command_line, default_cpu_memory_limit, machine, preset, run_isolated, save_entry,
+    setup_worker, skip_reason, sync, warm_runtime,
 )
 from guided_diffusion.config import SampleConfig  # noqa: E402
 from guided_diffusion.constants import PRECISIONS  # noqa: E402
@@ -381,25 +380,13 @@ def run_sampling_benchmark(config: str = "demo", device: str = "cpu", precisions
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=tuple(PRESETS), default="demo",
-                        help="model + volume preset: full (cWDM at BraTS size), demo (CPU), tiny (smoke tests)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser = benchmark_parser(__doc__, "sampling.json", repeats=3, what="volumes per K")
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
-                        help="fp32 and/or bf16 (autocast around the network)")
+                        help="fp32 and/or bf16 (the denoiser's autocast)")
     parser.add_argument("--k", type=int, nargs="+", default=list(K_VALUES), help="network evaluations per volume")
     parser.add_argument("--max_measured_k", "--max-measured-k", type=int, default=None,
                         help="largest K actually run; larger K are extrapolated (default 10 on CPU, 100 on CUDA)")
-    parser.add_argument("--repeats", type=int, default=3, help="volumes per K (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed K=1 volumes first")
-    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
-                        help="run every precision in this process (memory figures less clean)")
     parser.add_argument("--no-audit", dest="audit", action="store_false", help="skip the host-work audit")
-    parser.add_argument("--cpu-memory-limit-gb", type=float, default=None,
-                        help="address-space cap for a CPU worker (default 80%% of MemAvailable)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "sampling.json",
-                        help="results JSON (merged under the key <config>/<device>)")
     args = parser.parse_args(argv)
     entry = run_sampling_benchmark(args.config, args.device, args.precisions, args.k, args.max_measured_k,
                                    args.repeats, args.warmup, args.isolate, args.cpu_memory_limit_gb, args.threads,
@@ -412,8 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{c['ddim_device_to_host_copies_per_step']:g} device->host copies, {c['ddim_host_ops_per_step']:g} "
               f"host ops; per DDPM step: {c['ddpm_host_to_device_copies_per_step']:g} host->device copies "
               f"({c['ddpm_host_to_device_bytes_per_step'] / 2**20:.1f} MiB)")
-    path = merge_result(args.out, f"{args.config}/{args.device}", entry)
-    print(f"wrote {path}")
+    save_entry(args, entry)
     return entry
 
 

@@ -22,7 +22,6 @@ Results are merged into benchmarks/results/train_step.json under the key "<confi
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import statistics
@@ -34,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
-    GIB, PRESETS, RESULTS_DIR, PeakMemory, command_line, default_cpu_memory_limit, machine, merge_result, preset,
-    proc_status_bytes, run_isolated, setup_worker, skip_reason, time_calls, warm_runtime,
+    GIB, PeakMemory, benchmark_parser, command_line, default_cpu_memory_limit, machine, preset, proc_status_bytes,
+    run_isolated, save_entry, setup_worker, skip_reason, time_calls, warm_runtime,
 )
 from guided_diffusion.config import DiffusionConfig, ModelConfig, TrainConfig  # noqa: E402
 from guided_diffusion.factory import build_model  # noqa: E402
@@ -68,7 +67,8 @@ def measure_mode(spec: dict) -> dict:
     try:
         with tempfile.TemporaryDirectory() as run_dir:
             trainer, batch = make_trainer(cfg, shape, device, mode, run_dir, spec.get("seed", 0))
-            warmup_times, times = time_calls(lambda: trainer.train_step(batch), spec["repeats"], spec["warmup"])
+            warmup_times, times = time_calls(lambda: trainer.train_step(batch), device, spec["repeats"],
+                                                 spec["warmup"])
     except Exception as err:  # noqa: BLE001 - a mode that cannot run here is recorded, not fatal
         return {"mode": mode, "skipped": True, "reason": skip_reason(err)}
     result = {"mode": mode, "skipped": False, "times_s": times, "warmup_times_s": warmup_times,
@@ -138,21 +138,9 @@ def run_train_benchmark(config: str = "demo", device: str = "cpu", modes=MODES, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=tuple(PRESETS), default="demo",
-                        help="model + volume preset: full (cWDM at BraTS size), demo (CPU), tiny (smoke tests)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser = benchmark_parser(__doc__, "train_step.json", repeats=5, what="steps per mode and round")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="modes to measure (fp32 always)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per mode and round (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--rounds", type=int, default=1, help="run all modes this many times, interleaved")
-    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
-                        help="run every mode in this process (faster; memory figures less clean)")
-    parser.add_argument("--cpu-memory-limit-gb", type=float, default=None,
-                        help="address-space cap for a CPU worker (default 80%% of MemAvailable)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "train_step.json",
-                        help="results JSON (merged under the key <config>/<device>)")
     args = parser.parse_args(argv)
     entry = run_train_benchmark(args.config, args.device, args.modes, args.repeats, args.warmup, args.rounds,
                                 args.isolate, args.cpu_memory_limit_gb, args.threads)
@@ -162,8 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             print(f"{mode:>14}: {m['median_s']:.3f} s/step ({m.get('speedup_vs_fp32', 1):.2f}x fp32 speed), "
                   f"peak {m['peak_memory_bytes'] / GIB:.2f} GiB ({m.get('memory_ratio_vs_fp32', 1):.2f}x fp32)")
-    path = merge_result(args.out, f"{args.config}/{args.device}", entry)
-    print(f"wrote {path}")
+    save_entry(args, entry)
     return entry
 
 

@@ -13,6 +13,7 @@ Peak memory (:class:`PeakMemory`), measured in a fresh worker process (:func:`ru
 """
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import json
 import multiprocessing
@@ -22,6 +23,7 @@ import resource
 import shlex
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -60,17 +62,29 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 0) -> tuple[list[float], list[float]]:
-    """(warm-up times, timed times) in seconds of single calls of ``fn``, measured with
-    ``torch.utils.benchmark.Timer`` (which synchronises CUDA around each measurement)."""
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
-    warm = [timer.timeit(1).median for _ in range(warmup)]
-    return warm, [timer.timeit(1).median for _ in range(repeats)]
+def time_calls(fn: Callable[[], object], device: torch.device | str, repeats: int,
+               warmup: int = 0) -> tuple[list[float], list[float]]:
+    """(warm-up times, timed times) in seconds of single calls of ``fn``, the device synchronised
+    around each. Not ``torch.utils.benchmark.Timer``: its ``timeit`` makes at least two extra
+    warm-up calls per measurement, too costly for one training step or one volume at full size."""
+    def once() -> float:
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - start
+
+    warm = [once() for _ in range(warmup)]
+    return warm, [once() for _ in range(repeats)]
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
-    """Median wall time of ``fn`` over ``repeats`` calls after ``warmup`` calls, and all the times."""
-    _, times = time_calls(fn, repeats, warmup)
+    """Median time of one call of ``fn`` by ``torch.utils.benchmark`` (fast functions: it runs
+    ``fn`` several times per measurement), after ``warmup`` calls; and the ``repeats`` times."""
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    for _ in range(warmup):
+        fn()
+    times = [timer.timeit(1).median for _ in range(repeats)]
     return statistics.median(times), times
 
 
@@ -254,3 +268,31 @@ def merge_result(path: Path, key: str, entry: dict) -> Path:
             results = {}
     results[key] = entry
     return write_result(path, {"results": results})
+
+
+# --------------------------------------------------------------------------- command line
+
+def benchmark_parser(doc: str, out_name: str, repeats: int, what: str) -> argparse.ArgumentParser:
+    """The options every benchmark has: --config, --device, --repeats, --warmup, --no-isolate,
+    --cpu-memory-limit-gb, --threads, --out (``RESULTS_DIR / out_name``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=tuple(PRESETS), default="demo",
+                        help="model + volume preset: full (cWDM at BraTS size), demo (CPU), tiny (smoke tests)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"timed {what} (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help=f"untimed {what} first")
+    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
+                        help="measure in this process instead of a fresh worker (memory figures less clean)")
+    parser.add_argument("--cpu-memory-limit-gb", type=float, default=None,
+                        help="address-space cap for a CPU worker (default 80%% of MemAvailable)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / out_name,
+                        help="results JSON (merged under the key <config>/<device>)")
+    return parser
+
+
+def save_entry(args: argparse.Namespace, entry: dict) -> Path:
+    """Merge ``entry`` into ``args.out`` under "<config>/<device>" and say where it went."""
+    path = merge_result(args.out, f"{args.config}/{args.device}", entry)
+    print(f"wrote {path}")
+    return path

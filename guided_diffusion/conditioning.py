@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-MODALITIES: tuple[str, ...] = ("t1n", "t1c", "t2w", "t2f")
-"""BraTS 2023 modalities: native T1, contrast-enhanced T1, T2-weighted, T2-FLAIR."""
+from .constants import MODALITIES
+
+__all__ = ["MODALITIES", "cond_modalities", "modality_index", "split_case"]
 
 
 def modality_index(modality: str) -> int:

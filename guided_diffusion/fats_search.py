@@ -18,7 +18,7 @@ deterministic sampler's error is not additive over steps, and the direct search 
 brute-force optimum on the Gaussian toy of tests/test_fats.py), no gradient through the sampler
 (LD3) and no per-band effective times, no joint (VDM-style) learning of the shifts. Measured on
 that toy: with ``reference="target"`` (MSE to the real x0) the optimum crowds every step next to
-T - 1, i.e. it turns the sampler into one-step regression of the posterior mean (FATS.md,
+T - 1, i.e. it turns the sampler into one-step regression of the posterior mean (docs/fats.md,
 "Metric trap"); ``reference="teacher"`` (distance to a many-step sample from the same noise)
 does not have that bias.
 """
@@ -170,7 +170,7 @@ def learn_timesteps(denoiser_factory: Callable[[dict], Denoiser], schedule: Nois
             starting noise; drawn from a generator seeded ``seed + case index`` otherwise).
         k: the number of steps (= network evaluations).
         reference: ``"target"``: brain-masked MSE to the real x0 (paired data; note it rewards
-            mean-seeking, smooth samples, see FATS.md "Metric trap"); ``"teacher"``: to the same
+            mean-seeking, smooth samples, see docs/fats.md "Metric trap"); ``"teacher"``: to the same
             noise's sample with ``teacher_steps`` (default all T steps), as LD3 does.
         loss_fn: ``(sample, reference, case) -> float`` replacing :func:`masked_mse`.
         clip: x0 clipping as in the sampler (e.g. ``clip_in_image_space``).

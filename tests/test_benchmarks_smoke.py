@@ -4,6 +4,8 @@ import json
 import pytest
 
 from benchmarks import bench_sampling, bench_train_step
+from guided_diffusion import synthesis
+from guided_diffusion.train_util import Trainer
 
 
 def _load(path, key):
@@ -58,3 +60,31 @@ def test_extrapolation_uses_fixed_cost_plus_per_step_time():
     assert row["extrapolated"] and row["nfe"] == 1000
     assert row["seconds_per_volume"] == pytest.approx(1.0 + 0.2 * 1000)
     assert row["network_seconds"] == pytest.approx(0.15 * 1000)
+
+
+def test_benchmarks_time_the_trainer_and_the_synthesis_users_run(tmp_path, monkeypatch):
+    """In-process runs: every timed call goes through Trainer.train_step / synthesize_volumes."""
+    calls = {"train_step": 0, "synthesize_volumes": 0}
+    train_step, synthesize_volumes = Trainer.train_step, synthesis.synthesize_volumes
+    assert bench_sampling.synthesize_volumes is synthesize_volumes
+
+    def counted_train_step(self, batch):
+        calls["train_step"] += 1
+        return train_step(self, batch)
+
+    def counted_synthesize_volumes(*args, **kwargs):
+        calls["synthesize_volumes"] += 1
+        return synthesize_volumes(*args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", counted_train_step)
+    monkeypatch.setattr(bench_sampling, "synthesize_volumes", counted_synthesize_volumes)
+    bench_train_step.main(["--config", "tiny", "--device", "cpu", "--modes", "bf16", "--repeats", "2", "--warmup",
+                           "1", "--threads", "1", "--no-isolate", "--out", str(tmp_path / "train.json")])
+    assert calls["train_step"] == 2 * (1 + 2)  # fp32 and bf16, warm-up + repeats
+    entry = bench_sampling.main(["--config", "tiny", "--device", "cpu", "--k", "3", "--precisions", "fp32",
+                                 "--repeats", "2", "--warmup", "0", "--threads", "1", "--no-isolate", "--no-audit",
+                                 "--out", str(tmp_path / "sampling.json")])
+    assert calls["synthesize_volumes"] == 2
+    row = entry["precisions"]["fp32"]["by_k"][0]
+    assert row["nfe"] == 3 and 0 < row["loop_seconds"] < row["seconds_per_volume"]
+    assert row["nifti_write_seconds"] <= row["fixed_per_volume_seconds"]

@@ -1,10 +1,13 @@
-"""Schedules: per-band arrays, reductions to the shared schedule, Fast-DDPM variants."""
+"""Schedules: per-band arrays, reductions to the shared schedule, Fast-DDPM variants, the registry."""
+import math
+
 import pytest
 import torch
 
-from guided_diffusion.config import DiffusionConfig
-from guided_diffusion.factory import build_schedule
+from guided_diffusion.config import ConfigError, DiffusionConfig
+from guided_diffusion.constants import FATS_BASES, SCHEDULE_KINDS
 from guided_diffusion.diffusion import q_sample
+from guided_diffusion.factory import _FATS_BASE_CURVES, SCHEDULE_BUILDERS, build_schedule
 from guided_diffusion.schedules import NoiseSchedule, cosine, fast_sampled, linear
 
 
@@ -64,3 +67,33 @@ def test_state_dict_round_trip():
     sched = fast_sampled(10)
     again = NoiseSchedule.from_state_dict(sched.state_dict())
     assert torch.equal(again.alpha_bar, sched.alpha_bar) and torch.equal(again.model_times, sched.model_times)
+
+
+def test_the_schedule_registry_builds_exactly_the_kinds_configs_accept():
+    assert tuple(SCHEDULE_BUILDERS) == SCHEDULE_KINDS
+    assert tuple(_FATS_BASE_CURVES) == FATS_BASES
+    for kind in SCHEDULE_KINDS:
+        steps = 1000 if kind == "linear" else 10
+        schedule = build_schedule(DiffusionConfig(kind=kind, steps=steps))
+        assert schedule.n_bands == 8 and schedule.num_steps == (11 if kind == "fast_sampled" else steps)
+
+
+def test_the_linear_kind_is_ddpms_1000_step_schedule():
+    """Independent oracle: alpha_bar = prod(1 - beta) with betas from 1e-4 to 0.02 in 1000 steps."""
+    schedule = build_schedule(DiffusionConfig(kind="linear"))
+    betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]
+    for t in (0, 1, 499, 999):
+        expected = math.prod(1 - b for b in betas[: t + 1])
+        assert schedule.alpha_bar[3, t].item() == pytest.approx(expected, rel=1e-9)
+    assert schedule.model_times.tolist() == list(range(1000))
+
+
+def test_linear_with_another_length_is_refused_and_points_to_fast_direct():
+    with pytest.raises(ConfigError, match="kind 'fast_direct'"):
+        DiffusionConfig(kind="linear", steps=10)
+    with pytest.raises(ConfigError, match="fast_direct"):
+        DiffusionConfig.from_dict({"kind": "linear", "steps": 100})
+    direct = build_schedule(DiffusionConfig(kind="fast_direct", steps=10))
+    betas = [0.01 + (0.999 - 0.01) * i / 9 for i in range(10)]  # betas x 1000 / 10, the end capped at 0.999
+    assert direct.alpha_bar[0, -1].item() == pytest.approx(math.prod(1 - b for b in betas), rel=1e-9)
+    assert direct.model_times.tolist() == [100.0 * i for i in range(10)]
