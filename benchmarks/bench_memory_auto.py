@@ -32,8 +32,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from benchmarks.common import RESULTS_DIR, machine  # noqa: E402
-from guided_diffusion.fileio import save_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, write_result  # noqa: E402
 
 KIB = 1024
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}  # see the module docstring
@@ -180,8 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['cases']:4d} cases: peak RSS {r['peak_rss_mib']:.1f} MiB, RSS after the last case "
               f"{r['rss_after_case_mib'][-1]:.1f} MiB, slope {r['rss_slope_kib_per_case']:.1f} KiB/case")
     print(f"peak growth {result['peak_growth_mib']:.2f} MiB ({result['peak_growth_mib_per_case'] * KIB:.1f} KiB/case)")
-    payload = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(), **result}
-    save_json(payload, args.out)
+    write_result(Path(args.out).resolve(), result)
     print(f"wrote {args.out}")
 
 
