@@ -38,6 +38,7 @@ from guided_diffusion.bratsloader import (
     SEG, CaseError, Geometry, common_geometry, discover_cases, expected_path, write_nifti,
 )
 from guided_diffusion.constants import MODALITIES
+from guided_diffusion.extras import import_extra
 from guided_diffusion.fileio import save_json
 from guided_diffusion.seeding import case_seed_words
 
@@ -136,7 +137,7 @@ class Template:
 @functools.lru_cache(maxsize=2)
 def load_template(geometry: Geometry) -> Template:
     """Load nilearn's MNI152 2009 maps (package data, offline) for ``geometry``."""
-    from nilearn import datasets  # heavy import, only needed here
+    datasets = import_extra("nilearn.datasets", "demo", "building the demo dataset")  # heavy, only needed here
 
     images = [datasets.load_mni152_gm_template(resolution=1),
               datasets.load_mni152_wm_template(resolution=1),

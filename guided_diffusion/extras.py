@@ -18,7 +18,8 @@ class MissingExtraError(ImportError):
 
 def import_extra(module: str, extra: str, purpose: str) -> ModuleType:
     """``importlib.import_module(module)``, or MissingExtraError naming ``extra`` when its
-    top-level package is not installed (any other import failure propagates unchanged).
+    top-level package is not installed (any other import failure propagates unchanged, e.g. a
+    missing submodule of an installed package).
 
     Args:
         module: e.g. ``"nilearn.datasets"``.
@@ -27,10 +28,11 @@ def import_extra(module: str, extra: str, purpose: str) -> ModuleType:
     """
     package = module.partition(".")[0]
     try:
-        return importlib.import_module(module)
+        importlib.import_module(package)
     except ModuleNotFoundError as err:
         if err.name != package:
             raise
         raise MissingExtraError(f"{purpose} needs {package}, which is not installed: "
                                 f"pip install 'fast-cwdm[{extra}]' (or pip install -e '.[{extra}]' in the repository)"
                                 ) from None
+    return importlib.import_module(module)

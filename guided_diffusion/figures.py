@@ -6,6 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .extras import import_extra
 from .fileio import atomic_write
 
 
@@ -17,10 +18,8 @@ def slice_figure(path: str | Path, panels: Sequence[tuple[str, np.ndarray]], tit
         panels: (label, (X, Y, Z) volume in [0, 1]) in display order.
         error_pair: indices of (ground truth, synthesis) panels; adds |difference| as the last panel.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import_extra("matplotlib", "figures", "writing PNG figures").use("Agg")
+    plt = import_extra("matplotlib.pyplot", "figures", "writing PNG figures")
 
     volumes = [np.asarray(v, dtype=np.float32) for _, v in panels]
     z = volumes[0].shape[-1] // 2
