@@ -20,10 +20,23 @@ from .config import ModelConfig
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 (as cWDM), returned in the input dtype."""
+    """GroupNorm with float32 statistics, returned in the input dtype.
+
+    float32 input: plain GroupNorm (cWDM's computation, bit for bit). Low-precision input (bf16
+    activations under autocast): normalised in that dtype by the native kernel, which accumulates
+    the mean and variance in float32, instead of cWDM's round trip through a float32 copy (under
+    autocast, ``group_norm`` would otherwise be promoted to float32 too). That round trip wrote and
+    read every activation twice more and made bf16 slower than it should be
+    (``benchmarks/gpu_suite.py``: ``bf16`` vs ``bf16_fp32_groupnorm``). The only extra rounding is
+    of the affine weight and bias to the input dtype (relative 2**-9 in bf16, the same as the
+    output's own rounding); ``tests/test_unet_precision.py`` bounds the difference.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        if x.dtype == torch.float32:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
