@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .config import DiffusionConfig, ModelConfig
-from .constants import FATS_BASES, SCHEDULE_KINDS
+from .constants import FATS_BASES
 from .schedules import NoiseSchedule, cosine, fast_sampled, linear, per_band_schedule
 from .unet import UNet3D
 
