@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-TEMP_SUFFIX = ".tmp"  # leftovers of killed writes end in this (scripts/train.py cleans them up)
+TEMP_SUFFIX = ".tmp"  # leftovers of killed writes end in this (the train command cleans them up)
 
 
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], Any], *, suffix: str = TEMP_SUFFIX) -> Path:

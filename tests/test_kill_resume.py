@@ -63,7 +63,7 @@ def _partial_saves(run_dir: Path) -> list[Path]:
 
 
 def _saving_latest(run_dir: Path) -> bool:
-    """A save of latest.pt is under way: its temporary file exists (checkpoints.atomic_write)."""
+    """A save of latest.pt is under way: its temporary file exists (fileio.atomic_write)."""
     try:
         return any(e.name.startswith(".latest.pt.") and e.name.endswith(".tmp") for e in os.scandir(run_dir))
     except FileNotFoundError:

@@ -109,7 +109,7 @@ def train_one(args, preset, target: str, train_cases, val_cases, geometry, dist)
 
 def remove_partial_saves(run_dir: Path) -> None:
     """Delete the temporary files that saves of a killed run left behind (``.<name>.<random>.tmp``,
-    see ``checkpoints.atomic_write``); they are never taken for checkpoints, only cleaned up."""
+    see ``fileio.atomic_write``); they are never taken for checkpoints, only cleaned up."""
     for tmp in sorted(run_dir.glob(".*.tmp")):
         logger.warning("removing %s, left by an interrupted save", tmp)
         tmp.unlink(missing_ok=True)
