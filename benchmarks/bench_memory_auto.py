@@ -106,7 +106,7 @@ def measure(case_counts: list[int], *, steps: int, size: float, preset: str, thr
             work = Path(tmp) / str(n_cases)
             data, models = make_inputs(work, n_cases, size, preset)
             argv = ["--data_dir", str(data), "--model_dir", str(models), "--out_dir", str(work / "out"),
-                    "--steps", str(steps), "--device", "cpu"]
+                    "--nfe", str(steps), "--device", "cpu"]
             env = {**MALLOC_ENV, **os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO_ROOT)}
             cmd = [sys.executable, __file__, "--child", str(work / "report.json"), "--", *argv]
             jobs.append((n_cases, work, cmd, env))

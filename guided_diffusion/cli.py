@@ -93,9 +93,11 @@ def add_target_argument(parser: ArgumentParser, help: str, *, allow_all: bool = 
 def add_sampling_arguments(parser: ArgumentParser) -> None:
     """Flags that override the sampling settings a checkpoint carries (``SampleConfig``)."""
     p = parser
-    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="ddpm (ancestral) or ddim (deterministic with eta=0)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="ddpm (ancestral) or ddim (deterministic with eta=0)")
     p.add_argument("--nfe", type=int, default=None,
-                   help="network evaluations per volume; 0 = the checkpoint's default (learned FATS steps or all steps)")
+                   help="network evaluations per volume; 0 = the checkpoint's default "
+                        "(learned FATS steps or all steps)")
     p.add_renamed_flag("--steps", "--nfe")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
     p.add_argument("--no_clip", action="store_true", help="disable cWDM's x0 clipping (IDWT, clamp [0,1], DWT)")

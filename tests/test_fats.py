@@ -299,7 +299,7 @@ def test_fats_stats_script_end_to_end(tmp_path):
     from guided_diffusion.commands import fats_stats as script
     out = tmp_path / "stats.json"
     with pytest.raises(SystemExit) as exit_info:
-        script.cli.main_guard(lambda: script.main(["--data_dir", str(tmp_path / "training"), "--contr", "t1c",
+        script.cli.main_guard(lambda: script.main(["--data_dir", str(tmp_path / "training"), "--target", "t1c",
                                                    "--out", str(out), "--max_cases", "2", "--seed", "1"]))
     assert exit_info.value.code == 0
     stats = json.loads(out.read_text())

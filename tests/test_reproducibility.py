@@ -76,8 +76,8 @@ def test_runs_save_their_resolved_config_and_versions_and_repeat_bit_for_bit(tmp
     for name in ("a", "b"):
         out_dir = tmp_path / f"samples_{name}"
         code, _ = run_in_process([sys.executable, str(SCRIPTS / "sample.py"), "--checkpoint", str(checkpoint),
-                                  "--data_dir", str(tmp_path / "data"), "--contr", "t2f", "--out_dir", str(out_dir),
-                                  "--steps", "3", "--sampler", "ddpm", "--seed", "5", "--device", "cpu"])
+                                  "--data_dir", str(tmp_path / "data"), "--target", "t2f", "--out_dir", str(out_dir),
+                                  "--nfe", "3", "--sampler", "ddpm", "--seed", "5", "--device", "cpu"])
         assert code == 0
         outputs.append(out_dir)
     sample_config = json.loads((outputs[0] / "sample_config.json").read_text())

@@ -89,7 +89,7 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused_and_runs_nothing(tmp_
     assert not marker.exists()
     # through the command line's error handling: exit 2, the same message, nothing written
     code, records = run_in_process([sys.executable, str(SCRIPTS / "sample.py"), "--checkpoint", str(evil),
-                                    "--data_dir", str(tmp_path), "--contr", "t2f", "--out_dir", str(tmp_path / "o")])
+                                    "--data_dir", str(tmp_path), "--target", "t2f", "--out_dir", str(tmp_path / "o")])
     assert code == 2 and "refused to load" in records[-1].getMessage()
     assert not marker.exists() and not (tmp_path / "o").exists()
     # the payload is live: plain unpickling would have written the file
