@@ -14,11 +14,17 @@ if str(REPO_ROOT) not in sys.path:
 
 torch.set_num_threads(1)  # 2-core CI machines: one thread per test process avoids oversubscription
 
+from required_marker import (  # noqa: E402,F401  (hooks: a skipped `required` test fails the run)
+    pytest_collection_modifyitems, pytest_configure, pytest_runtest_makereport)
+
+GOLDEN_DIR = REPO_ROOT / "tests" / "golden" / "cwdm"  # shipped with the repository
+
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    """``$FASTCWDM_GOLDEN_DIR`` (default ../shared/golden/cwdm); skips when absent."""
-    path = Path(os.environ.get("FASTCWDM_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden" / "cwdm"))
+    """``$FASTCWDM_GOLDEN_DIR`` (default tests/golden/cwdm, shipped); skips when absent, and a
+    test using it is ``required``, so that skip fails the run."""
+    path = Path(os.environ.get("FASTCWDM_GOLDEN_DIR", GOLDEN_DIR))
     if not (path / "golden.npz").is_file():
         pytest.skip(f"cWDM golden reference not found at {path} (set FASTCWDM_GOLDEN_DIR)")
     return path

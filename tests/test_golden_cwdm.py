@@ -1,6 +1,7 @@
 """Golden tests: this project's baseline computes what the public cWDM code computes.
 
-Reads ``$FASTCWDM_GOLDEN_DIR`` (default ../shared/golden/cwdm); skipped when absent.
+Reads ``$FASTCWDM_GOLDEN_DIR`` (default tests/golden/cwdm, shipped with the repository); a skip
+fails the run (the tests are ``required``, see tests/required_marker.py).
 """
 import json
 
