@@ -15,8 +15,11 @@ Sections (each a key of the JSON result; a failure is recorded with its reason, 
 ``train_step``        ``Trainer.train_step`` at batch 1 (fp32, bf16, each with and without activation
                       checkpointing): median seconds and peak memory from ``torch.cuda.max_memory_allocated``
                       (reset before each mode; includes model, EMA, optimizer state, activations).
-``loader``            cases/s of the training DataLoader (BratsDataset, default worker count) over
-                      synthetic BraTS-shaped cases written with nibabel (needs nibabel).
+``loader``            cases/s of the training DataLoader (default worker count) over synthetic
+                      BraTS-shaped int16 cases written with nibabel: from the NIfTI files, the
+                      first pass through ``CachedBratsDataset`` (which builds the cache), and from
+                      the cache (median of 3 passes). ``--sections loader --device cpu`` measures
+                      this at full size on a machine without a GPU.
 ``dwt``               DWT + IDWT of one (1, 1, 224, 224, 160) volume.
 
 Run on a GPU:  bash benchmarks/gpu_suite.sh          (writes benchmarks/results/gpu_suite.json)
@@ -321,6 +324,7 @@ def loader(geometry_scale: float | None, n_cases: int, workdir: Path) -> dict:
     from guided_diffusion.bratsloader import BRATS_GEOMETRY, BratsDataset, Geometry, discover_cases
     from guided_diffusion.conditioning import MODALITIES
     from guided_diffusion.train_util import _collate
+    from guided_diffusion.volume_cache import CachedBratsDataset
 
     geometry = BRATS_GEOMETRY if geometry_scale is None else Geometry.scaled(geometry_scale)
     shape = geometry.original_shape
@@ -328,7 +332,7 @@ def loader(geometry_scale: float | None, n_cases: int, workdir: Path) -> dict:
     start = time.perf_counter()
     for i in range(n_cases):
         case = f"BraTS-GLI-{i:05d}-000"
-        folder = workdir / case
+        folder = workdir / "cases" / case
         folder.mkdir(parents=True, exist_ok=True)
         brain = np.zeros(shape, dtype=bool)
         sl = tuple(slice(s // 6, s - s // 6) for s in shape)
@@ -337,17 +341,27 @@ def loader(geometry_scale: float | None, n_cases: int, workdir: Path) -> dict:
             vol = (rng.integers(0, 4000, size=shape) * brain).astype(np.int16)
             nib.save(nib.Nifti1Image(vol, np.eye(4)), str(folder / f"{case}-{mod}.nii.gz"))
     write_s = time.perf_counter() - start
-    cases, errors = discover_cases(workdir, geometry=geometry)
+    cases, errors = discover_cases(workdir / "cases", geometry=geometry)
     if errors:
         raise RuntimeError(f"loader: synthetic cases rejected: {errors[0]}")
-    dataset = BratsDataset(cases, geometry)
     workers = TrainConfig().num_workers
-    dl = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=_collate, shuffle=False)
-    start = time.perf_counter()
-    n = sum(1 for _ in dl)
-    seconds = time.perf_counter() - start
-    return {"cases": n, "num_workers": workers, "file_shape": list(shape), "seconds": seconds,
-            "cases_per_s": n / seconds, "dataset_write_s": write_s}
+
+    def one_pass(dataset) -> float:
+        dl = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=_collate)
+        start = time.perf_counter()
+        n = sum(1 for _ in dl)
+        assert n == len(cases)
+        return time.perf_counter() - start
+
+    files_s = one_pass(BratsDataset(cases, geometry))
+    cached = CachedBratsDataset(cases, workdir / "cache", geometry)
+    build_s = one_pass(cached)
+    cached_s = statistics.median(one_pass(cached) for _ in range(3))
+    n = len(cases)
+    return {"cases": n, "num_workers": workers, "file_shape": list(shape), "dataset_write_s": write_s,
+            "from_files_cases_per_s": n / files_s, "cache_first_build_cases_per_s": n / build_s,
+            "from_cache_cases_per_s": n / cached_s, "cache_speedup": files_s / cached_s,
+            "cache_bytes_per_case": sum(p.stat().st_size for p in (workdir / "cache").glob("*.npz")) / n}
 
 
 # --------------------------------------------------------------------------- DWT
@@ -439,7 +453,8 @@ def summary(results: dict) -> dict:
         "synthesize_fp32_k1000_seconds_extrapolated": get("synthesis", "fp32", "k1000_s_extrapolated"),
         "train_bf16_speedup_vs_fp32": None if not (fp32_step and bf16_step) else fp32_step / bf16_step,
         "train_peak_gib_bf16_checkpointing": get("train_step", "bf16_checkpointing", "peak_memory_gib"),
-        "loader_cases_per_s": get("loader", "cases_per_s"),
+        "loader_from_files_cases_per_s": get("loader", "from_files_cases_per_s"),
+        "loader_from_cache_cases_per_s": get("loader", "from_cache_cases_per_s"),
         "targets": {"volume_at_k4_s": 1.0, "train_bf16_speedup": 1.5, "peak_gib_checkpointing": 24.0},
     }
 

@@ -39,5 +39,7 @@ def test_gpu_suite_quick_on_cpu(tmp_path):
     for mode in ("fp32", "bf16", "fp32_checkpointing", "bf16_checkpointing"):
         assert result["train_step"][mode]["seconds_per_step"] > 0
     loader = result["loader"]
-    assert loader["cases"] == 3 and loader["cases_per_s"] > 0
+    assert loader["cases"] == 3
+    assert min(loader["from_files_cases_per_s"], loader["from_cache_cases_per_s"], loader["cache_first_build_cases_per_s"]) > 0
+    assert loader["cache_bytes_per_case"] > 0
     assert result["dwt"]["roundtrip_max_abs_err"] < 1e-5
