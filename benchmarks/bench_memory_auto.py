@@ -96,7 +96,7 @@ def child(argv: list[str], report: Path) -> None:
                                       "rss_after_case_kib": rss_after_case, "peak_rss_kib": status_kib("VmHWM")}))
 
 
-def measure(case_counts: list[int], *, steps: int, size: float, preset: str, threads: int,
+def measure(case_counts: list[int], *, nfe: int, size: float, preset: str, threads: int,
             parallel: bool = False) -> list[dict]:
     """One fresh sample_auto.py process per case count (all at once with ``parallel``: each
     measures only its own memory)."""
@@ -106,7 +106,7 @@ def measure(case_counts: list[int], *, steps: int, size: float, preset: str, thr
             work = Path(tmp) / str(n_cases)
             data, models = make_inputs(work, n_cases, size, preset)
             argv = ["--data_dir", str(data), "--model_dir", str(models), "--out_dir", str(work / "out"),
-                    "--nfe", str(steps), "--device", "cpu"]
+                    "--nfe", str(nfe), "--device", "cpu"]
             env = {**MALLOC_ENV, **os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO_ROOT)}
             cmd = [sys.executable, __file__, "--child", str(work / "report.json"), "--", *argv]
             jobs.append((n_cases, work, cmd, env))
@@ -149,11 +149,11 @@ def slope(values: list[float]) -> float:
 DEFAULT_SIZE = 48 / 240  # files (48, 48, 31), network grid (44, 44, 32): divisible by the tiny model's 4
 
 
-def run(case_counts: list[int], *, steps: int = 2, size: float = DEFAULT_SIZE, preset: str = "tiny",
+def run(case_counts: list[int], *, nfe: int = 2, size: float = DEFAULT_SIZE, preset: str = "tiny",
         threads: int = 1, parallel: bool = False) -> dict:
-    runs = measure(sorted(case_counts), steps=steps, size=size, preset=preset, threads=threads, parallel=parallel)
+    runs = measure(sorted(case_counts), nfe=nfe, size=size, preset=preset, threads=threads, parallel=parallel)
     small, large = runs[0], runs[-1]
-    return {"settings": {"case_counts": sorted(case_counts), "steps": steps, "size": size, "preset": preset,
+    return {"settings": {"case_counts": sorted(case_counts), "nfe": nfe, "size": size, "preset": preset,
                          "threads": threads, "warmup_cases_excluded_from_slope": WARMUP_CASES,
                          "malloc": {k: os.environ.get(k, v) for k, v in MALLOC_ENV.items()}},
             "runs": runs, "peak_growth_mib": large["peak_rss_mib"] - small["peak_rss_mib"],
@@ -168,13 +168,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, nargs="+", default=[10, 50], help="case counts, one run each")
-    parser.add_argument("--steps", type=int, default=2, help="network evaluations per case")
+    parser.add_argument("--nfe", type=int, default=2, help="network evaluations per case")
     parser.add_argument("--size", type=float, default=DEFAULT_SIZE, help="BraTS geometry scale of the demo cases")
     parser.add_argument("--preset", default="tiny", help="MODEL preset of the (untrained) checkpoints")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the sample_auto.py process")
     parser.add_argument("--out", default=str(RESULTS_DIR / "memory_auto.json"), help="result JSON")
     args = parser.parse_args(argv)
-    result = run(args.cases, steps=args.steps, size=args.size, preset=args.preset, threads=args.threads)
+    result = run(args.cases, nfe=args.nfe, size=args.size, preset=args.preset, threads=args.threads)
     for r in result["runs"]:
         print(f"{r['cases']:4d} cases: peak RSS {r['peak_rss_mib']:.1f} MiB, RSS after the last case "
               f"{r['rss_after_case_mib'][-1]:.1f} MiB, slope {r['rss_slope_kib_per_case']:.1f} KiB/case")

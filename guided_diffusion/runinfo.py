@@ -5,7 +5,7 @@ import platform
 import sys
 from importlib import metadata
 
-PACKAGES = ("torch", "numpy", "nibabel", "PyWavelets", "torchmetrics", "scipy", "safetensors", "huggingface_hub",
+PACKAGES = ("torch", "numpy", "nibabel", "torchmetrics", "scipy", "safetensors", "huggingface_hub",
             "fast-cwdm")
 
 

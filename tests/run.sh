@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure_env.sh
-exec "$PYTHON" -m pytest -q -p no:cacheprovider "$@" tests
+exec "$PYTHON" -m pytest -q -rs -p no:cacheprovider "$@" tests
