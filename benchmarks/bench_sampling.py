@@ -2,10 +2,10 @@
 
 One volume = ``guided_diffusion.synthesis.synthesize_volumes``, the pipeline ``sample.py`` runs:
 DWT of the three conditioning volumes (once), the case's seeded noise, deterministic DDIM
-(eta = 0) over ``respaced_steps(1000, K)`` of the linear schedule with cWDM's clipping (IDWT ->
-clamp [0, 1] -> DWT of every x0 prediction), the precision applied by the denoiser, the IDWT of
-the result; then the copy to the host and writing it as a gzipped NIfTI with nibabel (on the
-network grid; the crop back to BraTS's grid is not included).
+(eta = 0) over ``plan_timesteps(schedule, None, K)`` (K uniform steps) of the linear schedule
+with cWDM's clipping (IDWT -> clamp [0, 1] -> DWT of every x0 prediction), the precision applied
+by the denoiser, the IDWT of the result; then the copy to the host and writing it as a gzipped
+NIfTI with nibabel (on the network grid; the crop back to BraTS's grid is not included).
 
 The network is wrapped in a timing module (device synchronised before and after each call;
 the bf16 autocast and the cast back stay in the denoiser around it), and the sampler's callback
@@ -58,7 +58,7 @@ from guided_diffusion.config import SampleConfig  # noqa: E402
 from guided_diffusion.constants import PRECISIONS  # noqa: E402
 from guided_diffusion.diffusion import randn  # noqa: E402
 from guided_diffusion.factory import build_model  # noqa: E402
-from guided_diffusion.samplers import respaced_steps  # noqa: E402
+from guided_diffusion.timesteps import plan_timesteps  # noqa: E402
 from guided_diffusion.schedules import linear  # noqa: E402
 from guided_diffusion.synthesis import synthesize_volumes  # noqa: E402
 
@@ -110,7 +110,7 @@ def synthesize_volume(net: TimedNetwork, schedule, volumes: torch.Tensor, k: int
     sync(device)
     start = time.perf_counter()
     synthesis = synthesize_volumes(net, schedule, volumes, TARGET_MODALITY, cfg, ["bench"],
-                                   respaced_steps(schedule.num_steps, k), callback=mark_step)
+                                   plan_timesteps(schedule, None, k)[0], callback=mark_step)
     volume = synthesis[0].cpu().numpy()
     io_start = time.perf_counter()
     nib.save(nib.Nifti1Image(volume, np.eye(4)), str(out_path))
@@ -175,7 +175,7 @@ def _extrapolate(k: int, measured: list[dict], runs_at_kmax: list[dict]) -> dict
     fixed = statistics.median(r["fixed_s"] for r in runs_at_kmax)
     per_step = statistics.median(r["loop_s"] / r["nfe"] for r in runs_at_kmax)
     net_per_nfe = statistics.median(r["network_s"] / r["nfe"] for r in runs_at_kmax)
-    nfe = len(respaced_steps(1000, k))
+    nfe = len(plan_timesteps(linear(n_bands=1), None, k)[0])
     total, network = fixed + per_step * nfe, net_per_nfe * nfe
     return {
         "k": k, "nfe": nfe, "extrapolated": True, "extrapolated_from_k": kmax,
@@ -254,7 +254,7 @@ def audit_host_work(config: str = "tiny", sampler: str = "ddim") -> dict:
         volumes = torch.rand((1, 4, *shape), device=device)
         with torch.no_grad(), _HostAudit(watch) as audit:
             synthesize_volumes(model, schedule, volumes, TARGET_MODALITY, sample_cfg, ["audit"],
-                               respaced_steps(schedule.num_steps, k))
+                               plan_timesteps(schedule, None, k)[0])
         counts[k], sizes[k] = audit.events, audit.bytes
     per_step, per_volume = [], []
     for key in sorted(set(counts[1]) | set(counts[3])):
@@ -357,8 +357,8 @@ def run_sampling_benchmark(config: str = "demo", device: str = "cpu", precisions
         "command": command_line(), "machine": machine(),
         "config": config, "device": device, "model_config": cfg.to_dict(),
         "volume_shape": [1, 1, *shape], "network_input_shape": [1, cfg.in_channels, *(s // 2 for s in shape)],
-        "sampler": "synthesize_volumes: ddim eta=0, respaced_steps(1000, K) of the linear schedule, "
-                   "clip_in_image_space, i2i, the case's CPU generator",
+        "sampler": "synthesize_volumes: ddim eta=0, plan_timesteps(schedule, None, K) (K uniform steps) of the "
+                   "linear schedule, clip_in_image_space, i2i, the case's CPU generator",
         "includes": "DWT of conditioning, sampling loop, IDWT, copy to host, nibabel .nii.gz write",
         "max_measured_k": max_measured_k, "measured_k": measured_k,
         "extrapolated_k": [k for k in k_values if k not in measured_k],

@@ -55,7 +55,8 @@ from guided_diffusion.fileio import save_json  # noqa: E402,E501
 from guided_diffusion import unet  # noqa: E402
 from guided_diffusion.diffusion import ddim_step, make_denoiser  # noqa: E402
 from guided_diffusion.presets import TINY_MODEL  # noqa: E402
-from guided_diffusion.samplers import ddim_sample, respaced_steps  # noqa: E402
+from guided_diffusion.samplers import ddim_sample  # noqa: E402
+from guided_diffusion.timesteps import uniform_timesteps  # noqa: E402
 from guided_diffusion.schedules import linear  # noqa: E402
 from guided_diffusion.synthesis import synthesize  # noqa: E402
 from guided_diffusion.train_util import Trainer  # noqa: E402
@@ -195,7 +196,7 @@ def cuda_graph_loop(model, model_cfg: ModelConfig, sub, device, repeats: int, k:
     in one CUDA graph: the per-step tables are moved to the device before capture, so the replay
     makes no host round trip and launches no kernel from Python."""
     schedule = linear(1000, n_bands=model_cfg.out_channels)
-    steps = respaced_steps(schedule.num_steps, k)
+    steps = uniform_timesteps(schedule.num_steps, k)
     gen = torch.Generator(device).manual_seed(1)
     cond = torch.randn((1, model_cfg.in_channels - model_cfg.out_channels, *sub), generator=gen, device=device)
     x_T = torch.randn((1, model_cfg.out_channels, *sub), generator=gen, device=device)
@@ -250,8 +251,8 @@ def synthesis(model_cfg: ModelConfig, volume, device, repeats: int, ks=(1, 4, 10
         cfg = SampleConfig(sampler="ddim", seed=0, precision=precision)
         rec = {}
         for k in ks:
-            steps = respaced_steps(schedule.num_steps, k)
-            stats = timed(lambda: synthesize(loaded, volumes, "t2f", cfg, ["case"], steps=steps), device, repeats,
+            steps = uniform_timesteps(schedule.num_steps, k)
+            stats = timed(lambda: synthesize(loaded, volumes, "t2f", cfg, ["case"], timesteps=steps), device, repeats,
                           warmup=1)
             rec[f"k{k}_s"] = stats["median_s"]
         lo, hi = min(ks), max(ks)

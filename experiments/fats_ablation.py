@@ -18,7 +18,8 @@ used for anything else) are scored with the BraSyn metrics on the network grid.
     python experiments/fats_ablation.py --quick --out /tmp/abl   # a smoke run in seconds
 
 Every test case is synthesised by ``guided_diffusion.synthesis.synthesize_volumes`` (the
-pipeline ``sample.py`` runs), with the variant's sampler, steps and precision.
+pipeline ``sample.py`` runs), with the variant's sampler, timesteps (``timesteps.plan_timesteps``)
+and precision.
 
 Writes <out>/fats_ablation.json (one record per variant and K), fats_ablation_psnr_nfe.png and
 fats_ablation_slices.png. Default out: benchmarks/results.
@@ -41,16 +42,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS_DIR, machine  # noqa: E402
 from guided_diffusion.bratsloader import BratsDataset, Geometry, discover_cases  # noqa: E402
 from guided_diffusion.conditioning import cond_modalities, modality_index  # noqa: E402
+from guided_diffusion.constants import MODALITIES, PRECISIONS  # noqa: E402
 from guided_diffusion.config import DiffusionConfig, SampleConfig, TrainConfig  # noqa: E402
 from guided_diffusion.fileio import save_json  # noqa: E402
 from guided_diffusion.demo_data import make_demo_dataset  # noqa: E402
-from guided_diffusion.fats_training import fit_sampling_steps, held_out_cases, prepare_fats_schedule  # noqa: E402
+from guided_diffusion.fats import FatsState  # noqa: E402
+from guided_diffusion.fats_training import (FATS_NFE_BUDGETS, fit_sampling_steps, held_out_cases,  # noqa: E402
+                                            prepare_fats_schedule)
 from guided_diffusion.figures import slice_figure  # noqa: E402
 from guided_diffusion.metrics import evaluate_case  # noqa: E402
 from guided_diffusion.presets import DEMO_MODEL, TINY_MODEL  # noqa: E402
-from guided_diffusion.samplers import respaced_steps  # noqa: E402
 from guided_diffusion.schedules import NoiseSchedule, linear  # noqa: E402
 from guided_diffusion.synthesis import synthesize_volumes  # noqa: E402
+from guided_diffusion.timesteps import plan_timesteps  # noqa: E402
 from guided_diffusion.train_util import Trainer  # noqa: E402
 
 logger = logging.getLogger("fats_ablation")
@@ -73,10 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n_train", type=int, default=14, help="training cases")
     p.add_argument("--n_fit", type=int, default=2, help="held-out training cases for fitting learned timesteps")
     p.add_argument("--n_test", type=int, default=4, help="held-out test cases (scored)")
-    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 10], help="step budgets K")
-    p.add_argument("--contr", default="t2f", help="target modality")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
-                   help="autocast for training and sampling of every variant (bf16 is ~5x faster on AMX CPUs)")
+    p.add_argument("--nfe", type=int, nargs="+", default=list(FATS_NFE_BUDGETS),
+                   help="NFE budgets K (default %(default)s)")
+    p.add_argument("--target", choices=MODALITIES, default="t2f", help="the modality synthesised (default t2f)")
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                   help="network precision for training, timestep fitting and sampling of every variant "
+                        "(bf16 is ~5x faster on AMX CPUs)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, weights, noise")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default=str(RESULTS_DIR), help="output folder")
@@ -91,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def train_variant(name: str, diffusion_cfg: DiffusionConfig, schedule, train_set, args, model_cfg, run_dir: Path):
-    cfg = TrainConfig(run_dir=str(run_dir / name), target_modality=args.contr, batch_size=args.batch_size, lr=args.lr,
+    cfg = TrainConfig(run_dir=str(run_dir / name), target_modality=args.target, batch_size=args.batch_size, lr=args.lr,
                       max_steps=args.train_steps, save_interval=args.train_steps, log_interval=max(args.train_steps // 5, 1),
                       val_interval=0, image_interval=0, ema_rate=0.99 if not args.quick else 0.5, num_workers=0,
                       seed=args.seed, precision=args.precision)
@@ -117,15 +123,15 @@ class Sampler:
     def __init__(self, test_items, args):
         self.items, self.args = test_items, args
 
-    def run(self, model, schedule, steps, sampler: str) -> dict:
+    def run(self, model, schedule, timesteps, sampler: str) -> dict:
         cfg = SampleConfig(sampler=sampler, eta=0.0, seed=self.args.seed, precision=self.args.precision)
         metrics, seconds, preds = [], [], []
         for item in self.items:
             start = time.perf_counter()
-            pred = synthesize_volumes(model, schedule, item["volumes"][None], self.args.contr, cfg, [item["case_id"]],
-                                      steps)[0].cpu().numpy()
+            pred = synthesize_volumes(model, schedule, item["volumes"][None], self.args.target, cfg, [item["case_id"]],
+                                      timesteps)[0].cpu().numpy()
             seconds.append(time.perf_counter() - start)
-            gt = item["volumes"][modality_index(self.args.contr)].numpy()
+            gt = item["volumes"][modality_index(self.args.target)].numpy()
             metrics.append(evaluate_case(pred, gt, item["brain_mask"].numpy(), item["seg"].numpy(),
                                          kernel_size=self._kernel(gt.shape)))
             preds.append(pred)
@@ -144,7 +150,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.quick:
         args = argparse.Namespace(**{**vars(args), "train_steps": min(args.train_steps, 4), "size": 18 / 240,
-                                     "n_train": 3, "n_fit": 1, "n_test": 1, "ks": [1, 2], "batch_size": 1})
+                                     "n_train": 3, "n_fit": 1, "n_test": 1, "nfe": [1, 2], "batch_size": 1})
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model_cfg = TINY_MODEL if args.quick else DEMO_MODEL
@@ -171,60 +177,63 @@ def main(argv=None) -> int:
 
     # Train every model with the same budget.
     trained = {}
-    for name, cfg in [("cwdm", DiffusionConfig(kind="linear", steps=1000)),
-                      ("fast_direct", DiffusionConfig(kind="fast_direct", steps=10)),
-                      ("fast_sampled", DiffusionConfig(kind="fast_sampled", steps=10)),
-                      ("fats", DiffusionConfig(kind="fats", steps=1000)),
-                      ("regression", DiffusionConfig(kind="linear", steps=1000))]:
+    for name, cfg in [("cwdm", DiffusionConfig(kind="linear", num_train_steps=1000)),
+                      ("fast_direct", DiffusionConfig(kind="fast_direct", num_train_steps=10)),
+                      ("fast_sampled", DiffusionConfig(kind="fast_sampled", fast_intervals=10)),
+                      ("fats", DiffusionConfig(kind="fats", num_train_steps=1000)),
+                      ("regression", DiffusionConfig(kind="linear", num_train_steps=1000))]:
         schedule, extra = None, {}
         if name == "fats":
-            cfg, schedule, extra = prepare_fats_schedule(cfg, train_set, args.contr, seed=args.seed)
+            cfg, schedule, extra = prepare_fats_schedule(cfg, train_set, args.target, seed=args.seed)
         if name == "regression":
             schedule = regression_schedule()
         model, schedule, info = train_variant(name, cfg, schedule, train_set, args, model_cfg, run_dir)
         trained[name] = {"model": model, "schedule": schedule, "cfg": cfg, "info": info, "extra": extra}
 
     # Learned timesteps on the fitting cases (never the test cases).
-    fit_cases = held_out_cases(fit_set, args.contr, "cpu", max_cases=len(fit_set), seed=args.seed)
+    fit_cases = held_out_cases(fit_set, args.target, "cpu", max_cases=len(fit_set), seed=args.seed)
     learned = {}
     for name in ("fats", "cwdm"):
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            learned[name] = fit_sampling_steps(trained[name]["model"], trained[name]["schedule"], fit_cases, args.ks,
-                                               seed=args.seed, reference=args.timestep_reference)
-        logger.info("%s: learned timesteps for K=%s in %.0f s", name, args.ks, time.perf_counter() - t0)
+        learned[name] = fit_sampling_steps(trained[name]["model"], trained[name]["schedule"], fit_cases, args.nfe,
+                                           seed=args.seed, reference=args.timestep_reference, precision=args.precision)
+        logger.info("%s: learned timesteps for NFE=%s in %.0f s", name, args.nfe, time.perf_counter() - t0)
 
     # Sample the test cases.
-    plan = [("cwdm", "cwdm", "ddpm", None, "all 1000 steps")]
-    for k in args.ks:
-        plan.append(("cwdm", "cwdm_ddim", "ddim", respaced_steps(1000, k), f"uniform K={k}"))
-        plan.append(("cwdm", "cwdm_respaced", "ddpm", respaced_steps(1000, k), f"uniform K={k}"))
-        plan.append(("fats", "fats", "ddim", learned["fats"][k]["steps"], f"learned K={k}"))
-        plan.append(("fats", "fats_no_learned", "ddim", respaced_steps(1000, k), f"uniform K={k}"))
-        plan.append(("cwdm", "fats_no_shift", "ddim", learned["cwdm"][k]["steps"], f"learned K={k}"))
-    plan += [("fast_direct", "fast_direct", "ddpm", None, "all 10 steps"),
-             ("fast_sampled", "fast_sampled", "ddpm", None, "all 11 steps"),
-             ("regression", "regression", "ddim", None, "one step")]
+    # Every variant's timesteps come from the one policy (plan_timesteps): the learned ones through
+    # a FatsState holding them, uniform ones without; NFE 0 = every step of the schedule.
+    states = {name: FatsState().with_learned(learned[name], min(args.nfe)) for name in learned}
+    plan = [("cwdm", "cwdm", "ddpm", None, 0)]
+    for k in args.nfe:
+        plan.append(("cwdm", "cwdm_ddim", "ddim", None, k))
+        plan.append(("cwdm", "cwdm_respaced", "ddpm", None, k))
+        plan.append(("fats", "fats", "ddim", states["fats"], k))
+        plan.append(("fats", "fats_no_learned", "ddim", None, k))
+        plan.append(("cwdm", "fats_no_shift", "ddim", states["cwdm"], k))
+    plan += [("fast_direct", "fast_direct", "ddpm", None, 0),
+             ("fast_sampled", "fast_sampled", "ddpm", None, 0),
+             ("regression", "regression", "ddim", None, 0)]
     records, slices = [], {}
-    for model_name, variant, kind, steps, how in plan:
+    for model_name, variant, kind, state, nfe in plan:
         entry = trained[model_name]
-        steps = list(range(entry["schedule"].num_steps - 1, -1, -1)) if steps is None else list(steps)
-        scores, pred = sampler.run(entry["model"], entry["schedule"], steps, kind)
-        record = {"variant": variant, "train_schedule": entry["schedule"].name, "K": len(steps), "nfe": len(steps),
-                  "sampler": kind, "steps": steps, "steps_origin": how, "psnr": scores["psnr"], "ssim": scores["ssim"],
+        timesteps, origin = plan_timesteps(entry["schedule"], state, nfe)
+        scores, pred = sampler.run(entry["model"], entry["schedule"], timesteps, kind)
+        record = {"variant": variant, "train_schedule": entry["schedule"].name, "K": len(timesteps),
+                  "nfe": len(timesteps), "sampler": kind, "timesteps": timesteps, "timesteps_origin": origin,
+                  "psnr": scores["psnr"], "ssim": scores["ssim"],
                   "mse": scores["mse"], "psnr_tumor": scores["psnr_tumor"], "ssim_tumor": scores["ssim_tumor"],
                   "ssim_rest": scores["ssim_rest"], "seconds_per_volume": scores["seconds_per_volume"],
                   "train_steps": args.train_steps, "seed": args.seed}
         records.append(record)
         slices.setdefault(variant if variant != "cwdm_ddim" else f"cwdm_ddim", pred)
-        logger.info("%-16s K=%-4d PSNR %.3f  SSIM %.4f  tumour PSNR %.3f  (%.2f s/volume)", variant, len(steps),
+        logger.info("%-16s K=%-4d PSNR %.3f  SSIM %.4f  tumour PSNR %.3f  (%.2f s/volume)", variant, len(timesteps),
                     record["psnr"], record["ssim"], record["psnr_tumor"], record["seconds_per_volume"])
 
     payload = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(), "args": vars(args),
         "model_config": model_cfg.to_dict(), "records": records,
         "training": {n: {**t["info"], "diffusion": t["cfg"].to_dict()} for n, t in trained.items()},
-        "fats_energy_stats": trained["fats"]["extra"]["fats"]["energy_stats"]["energy"],
+        "fats_energy_stats": FatsState.from_extra(trained["fats"]["extra"]).energy_stats["energy"],
         "learned_timesteps": {n: {str(k): {kk: r[kk] for kk in ("steps", "error", "uniform_steps", "uniform_error")}
                                   for k, r in res.items()} for n, res in learned.items()},
         "learned_timesteps_reference": {"target": "brain-masked MSE to the real target subbands (paired data)",
@@ -237,8 +246,8 @@ def main(argv=None) -> int:
     save_json(payload, out_dir / f"{args.name}.json")
     plot(records, out_dir / f"{args.name}_psnr_nfe.png")
     item = test_items[0]
-    panels = [(m, item["volumes"][modality_index(m)].numpy()) for m in cond_modalities(args.contr)]
-    panels.append((f"{args.contr} truth", item["volumes"][modality_index(args.contr)].numpy()))
+    panels = [(m, item["volumes"][modality_index(m)].numpy()) for m in cond_modalities(args.target)]
+    panels.append((f"{args.target} truth", item["volumes"][modality_index(args.target)].numpy()))
     panels += [(name, vol) for name, vol in slices.items()]
     slice_figure(out_dir / f"{args.name}_slices.png", panels, title=f"{item['case_id']}: one slice per variant")
     print(table(records))

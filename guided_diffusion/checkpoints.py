@@ -23,6 +23,7 @@ import torch
 
 from .config import ConfigError, DiffusionConfig, ModelConfig
 from .factory import build_model, build_schedule
+from .fats import FatsState
 from .fileio import atomic_write, save_json
 from .schedules import NoiseSchedule
 
@@ -179,6 +180,11 @@ class LoadedModel:
     step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     target_modality: str | None = None  # the modality it was trained to synthesise (None: unknown, e.g. cWDM)
+
+    @property
+    def fats_state(self) -> FatsState | None:
+        """The FATS state stored in ``extra`` (statistics, shifts, learned timesteps), if any."""
+        return FatsState.from_extra(self.extra)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,

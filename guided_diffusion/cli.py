@@ -114,7 +114,7 @@ def override(cfg, **changes):
 
 def sample_config_from_args(args: argparse.Namespace, checkpoint_default: SampleConfig) -> SampleConfig:
     """The checkpoint's sampling settings with the flags of :func:`add_sampling_arguments` applied."""
-    return override(checkpoint_default, sampler=args.sampler, steps=args.nfe, eta=args.eta, seed=args.seed,
+    return override(checkpoint_default, sampler=args.sampler, nfe=args.nfe, eta=args.eta, seed=args.seed,
                     precision=args.precision, clip_denoised=False if args.no_clip else None)
 
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .constants import FATS_BASES, MODALITIES, PRECISIONS, REFERENCE_STEPS, SAMPLERS, SCHEDULE_KINDS
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -21,10 +24,16 @@ class _JsonConfig:
     """Mixin: ``to_dict`` / ``from_dict`` / ``to_json`` / ``from_json`` with unknown-key checks.
 
     ``retired_keys``: fields that older versions wrote and nothing reads any more; ``from_dict``
-    accepts and drops them, so configs stored in old checkpoints still load.
+    accepts and drops them, so configs stored in old checkpoints still load. Renamed fields are
+    mapped by :meth:`_upgrade` (with a logged deprecation note).
     """
 
     retired_keys: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def _upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Old spellings -> current field names (the identity unless a config renamed a field)."""
+        return data
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -32,7 +41,7 @@ class _JsonConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
         names = {f.name for f in dataclasses.fields(cls)}
-        data = {key: value for key, value in data.items() if key not in cls.retired_keys}
+        data = cls._upgrade({key: value for key, value in data.items() if key not in cls.retired_keys})
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"{cls.__name__}: unknown keys {unknown}")
@@ -53,6 +62,18 @@ class _JsonConfig:
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+def _renamed(cls_name: str, data: dict[str, Any], old: str, new: str, meaning: str) -> dict[str, Any]:
+    """``data`` with key ``old`` moved to ``new`` (refusing both at once), logging a deprecation note."""
+    if old not in data:
+        return data
+    if new in data:
+        raise ConfigError(f"{cls_name}: both the old key {old!r} and its new name {new!r} are given")
+    logger.warning("%s: the key %r is deprecated, read as %r (%s)", cls_name, old, new, meaning)
+    data = dict(data)
+    data[new] = data.pop(old)
+    return data
 
 
 @dataclass(frozen=True)
@@ -93,15 +114,21 @@ class ModelConfig(_JsonConfig):
 class DiffusionConfig(_JsonConfig):
     """The noise schedule and its training / sampling conventions.
 
-    kind: ``linear`` (cWDM, ``steps`` = 1000 only), ``cosine``, ``fast_direct`` (the linear
-    schedule rescaled to ``steps``), ``fast_sampled`` (``steps`` + 1 points of the 1000-step
-    linear curve, Fast-DDPM's uniform choice, including t = 0), ``fats`` (per-band shifts).
+    ``num_train_steps`` is T, the length of the schedule's base curve (1000 for cWDM).
+    kind: ``linear`` (cWDM, ``num_train_steps`` = 1000 only), ``cosine``, ``fast_direct`` (the
+    linear schedule rescaled to ``num_train_steps``), ``fast_sampled`` (Fast-DDPM's uniform choice:
+    ``fast_intervals`` + 1 points of the ``num_train_steps``-long linear curve, t = 0 included;
+    the only kind that takes ``fast_intervals``), ``fats`` (per-band shifts of ``fats_base``).
+
+    Old configs spelled ``num_train_steps`` as ``steps`` (and, for ``fast_sampled``, meant
+    ``fast_intervals`` by it); :meth:`from_dict` maps them with a deprecation note.
     """
 
     retired_keys: ClassVar[frozenset[str]] = frozenset({"clip_denoised"})  # clipping is SampleConfig's
 
     kind: str = "linear"
-    steps: int = 1000
+    num_train_steps: int = REFERENCE_STEPS
+    fast_intervals: int = 0  # kind fast_sampled only: the number of intervals (NFE = fast_intervals + 1)
     beta_start: float = 1e-4
     beta_end: float = 0.02
     n_bands: int = 8
@@ -109,15 +136,28 @@ class DiffusionConfig(_JsonConfig):
     max_shift: float = 4.0
     fats_base: str = "linear"  # FATS base log-SNR curve: "linear" (with beta_start/end) or "cosine"
 
+    @classmethod
+    def _upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        if data.get("kind") == "fast_sampled" and "steps" in data:
+            return _renamed(cls.__name__, data, "steps", "fast_intervals",
+                            "Fast-DDPM's interval count; the curve keeps num_train_steps")
+        return _renamed(cls.__name__, data, "steps", "num_train_steps", "the schedule's length T")
+
     def __post_init__(self):
         if self.kind not in SCHEDULE_KINDS:
             raise ConfigError(f"DiffusionConfig: kind must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
-        if self.kind == "linear" and self.steps != REFERENCE_STEPS:
+        if self.kind == "linear" and self.num_train_steps != REFERENCE_STEPS:
             raise ConfigError(f"DiffusionConfig: kind 'linear' is the {REFERENCE_STEPS}-step schedule, got "
-                              f"steps={self.steps}; use kind 'fast_direct' for the linear schedule rescaled to "
-                              f"{self.steps} steps")
-        if self.steps < 1:
-            raise ConfigError(f"DiffusionConfig: steps must be >= 1, got {self.steps}")
+                              f"num_train_steps={self.num_train_steps}; use kind 'fast_direct' for the linear "
+                              f"schedule rescaled to {self.num_train_steps} steps")
+        if self.num_train_steps < 1:
+            raise ConfigError(f"DiffusionConfig: num_train_steps must be >= 1, got {self.num_train_steps}")
+        if self.kind == "fast_sampled" and not 1 <= self.fast_intervals < self.num_train_steps:
+            raise ConfigError(f"DiffusionConfig: kind 'fast_sampled' needs 1 <= fast_intervals < num_train_steps="
+                              f"{self.num_train_steps}, got fast_intervals={self.fast_intervals}")
+        if self.kind != "fast_sampled" and self.fast_intervals:
+            raise ConfigError(f"DiffusionConfig: fast_intervals is only used with kind 'fast_sampled', got "
+                              f"{self.fast_intervals} with kind {self.kind!r}")
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
             raise ConfigError(f"DiffusionConfig: need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
         if self.n_bands < 1:
@@ -134,7 +174,10 @@ class DiffusionConfig(_JsonConfig):
 
 @dataclass(frozen=True)
 class TrainConfig(_JsonConfig):
-    """One training run of one target modality."""
+    """One training run of one target modality.
+
+    ``max_steps`` counts training steps: optimizer updates (one batch each), not schedule steps.
+    """
 
     data_dir: str = ""
     run_dir: str = "runs/train"
@@ -176,21 +219,30 @@ class TrainConfig(_JsonConfig):
 
 @dataclass(frozen=True)
 class SampleConfig(_JsonConfig):
-    """How to synthesise: sampler, step budget, clipping, seed, precision."""
+    """How to synthesise: sampler, NFE budget, clipping, seed, precision.
+
+    ``nfe``: network evaluations per volume; 0 = the checkpoint's default (see
+    :func:`guided_diffusion.timesteps.plan_timesteps`). Old configs call it ``steps`` (mapped by
+    :meth:`from_dict` with a deprecation note).
+    """
 
     retired_keys: ClassVar[frozenset[str]] = frozenset({"batch_size"})  # was never read
 
     sampler: str = "ddim"
-    steps: int = 0  # network evaluations; 0 = the schedule's default (all steps, or learned FATS steps)
+    nfe: int = 0
     eta: float = 0.0
     clip_denoised: bool = True  # cWDM: IDWT -> clamp to [0, 1] -> DWT of every x0 prediction
     seed: int = 0
     precision: str = "fp32"
 
+    @classmethod
+    def _upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return _renamed(cls.__name__, data, "steps", "nfe", "network evaluations per volume")
+
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"SampleConfig: sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.steps < 0 or self.eta < 0:
-            raise ConfigError(f"SampleConfig: need steps >= 0 and eta >= 0: {self}")
+        if self.nfe < 0 or self.eta < 0:
+            raise ConfigError(f"SampleConfig: need nfe >= 0 and eta >= 0: {self}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"SampleConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")

@@ -33,26 +33,26 @@ def build_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
 
 
 def _linear_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
-    """``linear`` (1000 steps, cWDM) and ``fast_direct`` (the betas rescaled to ``cfg.steps``)."""
-    return linear(cfg.steps, cfg.beta_start, cfg.beta_end, cfg.n_bands)
+    """``linear`` (1000 steps, cWDM) and ``fast_direct`` (the betas rescaled to ``cfg.num_train_steps``)."""
+    return linear(cfg.num_train_steps, cfg.beta_start, cfg.beta_end, cfg.n_bands)
 
 
 def _cosine_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
-    return cosine(cfg.steps, cfg.n_bands)
+    return cosine(cfg.num_train_steps, cfg.n_bands)
 
 
 def _fast_sampled_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
-    return fast_sampled(cfg.steps, cfg.beta_start, cfg.beta_end, cfg.n_bands)
+    return fast_sampled(cfg.fast_intervals, cfg.num_train_steps, cfg.beta_start, cfg.beta_end, cfg.n_bands)
 
 
 _FATS_BASE_CURVES: dict[str, ScheduleBuilder] = {
-    "linear": lambda cfg: linear(cfg.steps, cfg.beta_start, cfg.beta_end, n_bands=1),
-    "cosine": lambda cfg: cosine(cfg.steps, n_bands=1),
+    "linear": lambda cfg: linear(cfg.num_train_steps, cfg.beta_start, cfg.beta_end, n_bands=1),
+    "cosine": lambda cfg: cosine(cfg.num_train_steps, n_bands=1),
 }
 
 
 def fats_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
-    """The FATS schedule of a config: the base curve (``cfg.fats_base`` with ``cfg.steps``) with
+    """The FATS schedule of a config: the base curve (``cfg.fats_base`` with ``cfg.num_train_steps``) with
     ``cfg.band_shifts`` (all zero when empty) applied per band and capped at ``cfg.max_shift``."""
     if cfg.fats_base not in _FATS_BASE_CURVES:
         raise ValueError(f"fats_schedule: unknown base curve {cfg.fats_base!r}; expected one of {FATS_BASES}")

@@ -6,7 +6,9 @@ Layer 1 (imports only ``DWT_IDWT``). This module holds the data FATS derives a s
   inside the brain (design step 1);
 * :func:`shifts_from_energy`: energy-equalising log-SNR shifts ``delta_b = -kappa log(E_b / E_ref)``;
 * :func:`ramped_shifts`: shifts ramped in from zero when fine-tuning a shared-schedule checkpoint;
-* :func:`fats_state_dict` / :func:`load_fats_state`: what FATS stores in a checkpoint.
+* :class:`FatsState` (with :class:`LearnedTimesteps`): what FATS stores in a checkpoint, typed
+  and versioned; its ``to_dict`` / ``from_dict`` are the only writer and reader of
+  ``checkpoint["extra"]["fats"]``.
 
 Elsewhere: the per-band schedule ``lambda_b(t) = lambda(t) + delta_b`` (design step 2) is
 ``schedules.per_band_schedule``, the FATS schedule of a config ``factory.fats_schedule``; the
@@ -15,7 +17,9 @@ searches over the *sampler* (learned timesteps, kappa / shift refinement) are in
 """
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 import torch
@@ -24,11 +28,10 @@ import torch.nn.functional as F
 from DWT_IDWT import BAND_NAMES, LLL_SCALE
 
 __all__ = [
-    "band_energy_stats", "fats_state_dict", "load_fats_state", "ramped_shifts", "shifts_from_energy", "subband_mask",
+    "FatsState", "LearnedTimesteps", "band_energy_stats", "ramped_shifts", "shifts_from_energy", "subband_mask",
 ]
 
-FATS_STATE_VERSION = 1
-
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- 1. energy statistics
 
@@ -184,63 +187,146 @@ def ramped_shifts(shifts: Sequence[float], step: int, ramp_steps: int) -> tuple[
 # --------------------------------------------------------------------------- 3. checkpoint state
 
 
-def fats_state_dict(*, energy_stats: dict | None = None, band_shifts: Sequence[float] | None = None,
-                    timesteps: dict | None = None, kappa: float | None = None,
-                    extra: dict | None = None) -> dict:
-    """Everything FATS stores next to the weights, as plain JSON types.
+FATS_STATE_VERSION = 2
+"""Version 2: learned entries under ``timesteps``/``uniform_timesteps`` and ``default_nfe`` inside
+the state. Version 1 (read, never written) spelled them ``steps``/``uniform_steps`` and kept the
+default budget as ``default_k`` beside the state."""
 
-    Args:
-        energy_stats: a :func:`band_energy_stats` result.
-        band_shifts: the shifts the model was trained with.
-        timesteps: K -> learned steps, each a list of step indices or a
-            ``fats_search.learn_timesteps`` result (its ``steps`` and errors are kept).
-        kappa: the kappa the shifts came from, if any.
+_STATE_KEYS = ("version", "energy_stats", "band_shifts", "kappa", "learned", "default_nfe", "extra")
+
+
+@dataclass(frozen=True)
+class LearnedTimesteps:
+    """Sampling timesteps learned for one NFE budget, with the held-out errors of the fit.
+
+    Attributes:
+        timesteps: NFE strictly decreasing schedule step indices >= 0.
+        error: the fitted sampler's held-out error (None when not recorded).
+        uniform_timesteps / uniform_error: the evenly spaced baseline of the same budget, if recorded.
+    """
+
+    timesteps: tuple[int, ...]
+    error: float | None = None
+    uniform_timesteps: tuple[int, ...] | None = None
+    uniform_error: float | None = None
+
+    def __post_init__(self):
+        steps = self.timesteps
+        if not steps or any(a <= b for a, b in zip(steps, steps[1:])) or steps[-1] < 0:
+            raise ValueError(f"FATS state: learned timesteps must be strictly decreasing indices >= 0, "
+                             f"got {list(steps)}")
+
+    @property
+    def nfe(self) -> int:
+        return len(self.timesteps)
+
+    def to_dict(self) -> dict:
+        return {"timesteps": list(self.timesteps), "error": self.error,
+                "uniform_timesteps": None if self.uniform_timesteps is None else list(self.uniform_timesteps),
+                "uniform_error": self.uniform_error}
+
+    @classmethod
+    def from_dict(cls, entry) -> "LearnedTimesteps":
+        """From a stored entry (version 2 or 1), a ``fats_search.learn_timesteps`` result, or a bare index list."""
+        if not isinstance(entry, dict):
+            entry = {"timesteps": entry}
+        steps = entry.get("timesteps", entry.get("steps"))
+        uniform = entry.get("uniform_timesteps", entry.get("uniform_steps"))
+        error, uniform_error = entry.get("error"), entry.get("uniform_error")
+        return cls(_int_tuple(steps), None if error is None else float(error),
+                   None if uniform is None else _int_tuple(uniform),
+                   None if uniform_error is None else float(uniform_error))
+
+
+@dataclass(frozen=True)
+class FatsState:
+    """Everything FATS stores next to the weights: the one reader and writer of
+    ``checkpoint["extra"]["fats"]`` (:meth:`from_extra` / :meth:`into_extra`).
+
+    Attributes:
+        energy_stats: a :func:`band_energy_stats` result (plus what measured it), or None.
+        band_shifts: the per-band log-SNR shifts the model was trained with, or None.
+        kappa: the kappa the shifts came from, or None.
+        learned: NFE -> :class:`LearnedTimesteps` (each entry's NFE equals its key).
+        default_nfe: the budget sampling uses when none is requested (its learned steps), or None.
         extra: any other JSON-serialisable notes.
     """
-    steps_out = {}
-    for k, value in (timesteps or {}).items():
-        entry = dict(value) if isinstance(value, dict) else {"steps": value}
-        entry["steps"] = _check_step_list(entry["steps"], int(k))
-        steps_out[str(int(k))] = {key: (list(v) if isinstance(v, tuple) else v) for key, v in entry.items()}
-    return {
-        "version": FATS_STATE_VERSION,
-        "energy_stats": energy_stats,
-        "band_shifts": None if band_shifts is None else [float(s) for s in band_shifts],
-        "kappa": None if kappa is None else float(kappa),
-        "timesteps": steps_out,
-        "extra": dict(extra or {}),
-    }
+
+    energy_stats: dict | None = None
+    band_shifts: tuple[float, ...] | None = None
+    kappa: float | None = None
+    learned: dict[int, LearnedTimesteps] = field(default_factory=dict)
+    default_nfe: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for nfe, entry in self.learned.items():
+            if entry.nfe != nfe:
+                raise ValueError(f"FATS state: learned timesteps for NFE={nfe} must be {nfe} indices, "
+                                 f"got {list(entry.timesteps)}")
+
+    def learned_timesteps(self, nfe: int) -> list[int] | None:
+        """The learned step indices for a budget of ``nfe`` evaluations, or None."""
+        entry = self.learned.get(int(nfe))
+        return None if entry is None else list(entry.timesteps)
+
+    def with_learned(self, results: dict, default_nfe: int) -> "FatsState":
+        """This state plus learned timesteps (NFE -> ``learn_timesteps`` result or entry);
+        ``default_nfe`` becomes the default when it has learned steps, else the smallest new budget."""
+        learned = {**self.learned, **{int(k): LearnedTimesteps.from_dict(v) for k, v in results.items()}}
+        default = int(default_nfe) if int(default_nfe) in learned else int(min(int(k) for k in results))
+        return replace(self, learned=learned, default_nfe=default)
+
+    def to_dict(self) -> dict:
+        """Plain JSON types (weights_only-loadable), version :data:`FATS_STATE_VERSION`."""
+        return {
+            "version": FATS_STATE_VERSION,
+            "energy_stats": self.energy_stats,
+            "band_shifts": None if self.band_shifts is None else [float(s) for s in self.band_shifts],
+            "kappa": None if self.kappa is None else float(self.kappa),
+            "learned": {str(k): v.to_dict() for k, v in sorted(self.learned.items())},
+            "default_nfe": self.default_nfe,
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "FatsState":
+        """Inverse of :meth:`to_dict` (also of its JSON-decoded form); also reads version 1
+        (``timesteps`` with ``steps`` entries, and ``default_k`` stored beside them)."""
+        version = state.get("version")
+        if version == 1:
+            logger.warning("FATS state version 1 (written by an older Fast-cWDM): read as version %d",
+                           FATS_STATE_VERSION)
+            legacy = {key: value for key, value in state.items() if key not in ("timesteps", "default_k")}
+            state = {**legacy, "version": FATS_STATE_VERSION, "learned": state.get("timesteps") or {},
+                     "default_nfe": state.get("default_k")}
+        elif version != FATS_STATE_VERSION:
+            raise ValueError(f"FATS state: unsupported version {version!r} (expected {FATS_STATE_VERSION} or 1)")
+        unknown = sorted(set(state) - set(_STATE_KEYS))
+        if unknown:
+            raise ValueError(f"FATS state: unknown keys {unknown}")
+        shifts, kappa, default = state.get("band_shifts"), state.get("kappa"), state.get("default_nfe")
+        return cls(
+            energy_stats=state.get("energy_stats"),
+            band_shifts=None if shifts is None else tuple(float(s) for s in shifts),
+            kappa=None if kappa is None else float(kappa),
+            learned={int(k): LearnedTimesteps.from_dict(v) for k, v in (state.get("learned") or {}).items()},
+            default_nfe=None if default is None else int(default),
+            extra=dict(state.get("extra") or {}),
+        )
+
+    @classmethod
+    def from_extra(cls, extra: dict | None) -> "FatsState | None":
+        """The state stored in a checkpoint's ``extra`` dict, or None when it holds none."""
+        stored = (extra or {}).get("fats")
+        return None if not stored else cls.from_dict(stored)
+
+    def into_extra(self, extra: dict | None) -> dict:
+        """A copy of a checkpoint's ``extra`` dict holding this state."""
+        return {**(extra or {}), "fats": self.to_dict()}
 
 
-def load_fats_state(state: dict) -> dict:
-    """Inverse of :func:`fats_state_dict` (also accepts its JSON-decoded form).
-
-    Returns a dict with ``energy_stats``, ``band_shifts`` (tuple of floats or None), ``kappa``,
-    ``timesteps`` (int K -> dict with ``steps`` a list of ints, plus any stored errors), ``extra``,
-    and any other top-level keys of ``state`` unchanged.
-    """
-    version = state.get("version")
-    if version != FATS_STATE_VERSION:
-        raise ValueError(f"load_fats_state: unsupported FATS state version {version!r} (expected {FATS_STATE_VERSION})")
-    timesteps = {}
-    for k, entry in (state.get("timesteps") or {}).items():
-        entry = dict(entry)
-        entry["steps"] = _check_step_list(entry["steps"], int(k))
-        timesteps[int(k)] = entry
-    shifts = state.get("band_shifts")
-    known = {"version", "energy_stats", "band_shifts", "kappa", "timesteps", "extra"}
-    return {
-        **{key: value for key, value in state.items() if key not in known},  # e.g. a caller's "default_k"
-        "energy_stats": state.get("energy_stats"),
-        "band_shifts": None if shifts is None else tuple(float(s) for s in shifts),
-        "kappa": state.get("kappa"),
-        "timesteps": timesteps,
-        "extra": dict(state.get("extra") or {}),
-    }
-
-
-def _check_step_list(steps, k: int) -> list[int]:
-    steps = [int(s) for s in (steps.tolist() if isinstance(steps, torch.Tensor) else steps)]
-    if len(steps) != k or any(a <= b for a, b in zip(steps, steps[1:])) or (steps and steps[-1] < 0):
-        raise ValueError(f"FATS state: timesteps for K={k} must be {k} strictly decreasing indices >= 0, got {steps}")
-    return steps
+def _int_tuple(steps) -> tuple[int, ...]:
+    if steps is None:
+        raise ValueError("FATS state: a learned entry has no timesteps")
+    return tuple(int(s) for s in (steps.tolist() if isinstance(steps, torch.Tensor) else steps))

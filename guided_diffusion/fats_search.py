@@ -32,9 +32,10 @@ import torch
 from DWT_IDWT import BAND_NAMES
 
 from .diffusion import Denoiser, ddim_step, randn
-from .samplers import Clip, ddim_sample, respaced_steps
+from .samplers import Clip, ddim_sample
 from .schedules import NoiseSchedule
 from .seeding import indexed_generator
+from .timesteps import power_timesteps, uniform_timesteps
 
 BAND_GROUPS: tuple[tuple[str, ...], ...] = (
     ("LLL",), ("LLH", "LHL", "HLL"), ("LHH", "HLH", "HHL"), ("HHH",),
@@ -54,23 +55,6 @@ def masked_mse(sample: torch.Tensor, reference: torch.Tensor, case: dict) -> flo
         return float(err.mean())
     weight = mask.to(device=err.device, dtype=err.dtype).expand_as(err)
     return float((err * weight).sum() / weight.sum().clamp_min(1.0))
-
-
-def power_steps(num_steps: int, k: int, rho: float) -> list[int]:
-    """K decreasing indices ``(T-1) (1 - i/(K-1))^rho`` (rho = 1: uniform, > 1: denser near t = 0),
-    made strictly decreasing; always starts at T - 1."""
-    if not 1 <= k <= num_steps:
-        raise ValueError(f"power_steps: need 1 <= K <= {num_steps}, got {k}")
-    if k == 1:
-        return [num_steps - 1]
-    raw = [round((num_steps - 1) * (1 - i / (k - 1)) ** rho) for i in range(k)]
-    raw[0] = num_steps - 1
-    for i in range(1, k):  # below the previous one ...
-        raw[i] = min(raw[i], raw[i - 1] - 1)
-    raw[-1] = max(raw[-1], 0)
-    for i in range(k - 2, -1, -1):  # ... and above the next one
-        raw[i] = max(raw[i], raw[i + 1] + 1)
-    return raw
 
 
 def _ddim_to(schedule: NoiseSchedule, x: torch.Tensor, pred_x0: torch.Tensor, t: int, s: int) -> torch.Tensor:
@@ -179,7 +163,7 @@ def learn_timesteps(denoiser_factory: Callable[[dict], Denoiser], schedule: Nois
         callback: called with a dict after each accepted improvement.
     Returns:
         dict: ``steps`` (K ints, strictly decreasing, steps[0] = T - 1), ``error``,
-        ``uniform_steps`` (``respaced_steps(T, K)``), ``uniform_error``, ``init_steps``,
+        ``uniform_steps`` (``uniform_timesteps(T, K)``), ``uniform_error``, ``init_steps``,
         ``init_error``, ``k``, ``reference``, ``nfe`` (network evaluations per case), ``sweeps``.
     """
     T = schedule.num_steps
@@ -204,8 +188,8 @@ def learn_timesteps(denoiser_factory: Callable[[dict], Denoiser], schedule: Nois
         prepared.append(_Case(data, denoiser, x_T, ref))
     search = _Search(schedule, prepared, clip, loss_fn)
 
-    uniform = respaced_steps(T, k)
-    candidates = [uniform] + [power_steps(T, k, rho) for rho in rhos]
+    uniform = uniform_timesteps(T, k)
+    candidates = [uniform] + [power_timesteps(T, k, rho) for rho in rhos]
     if init_steps is not None:
         init = [int(s) for s in init_steps]
         if len(init) != k or init[0] != T - 1 or init[-1] < 0 or any(a <= b for a, b in zip(init, init[1:])):

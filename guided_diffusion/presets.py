@@ -29,35 +29,35 @@ DEMO_SIZE = 0.25  # demo volumes: BraTS geometry scaled by 1/4 -> (60, 60, 39) f
 
 PRESETS: dict[str, Preset] = {
     "unet": Preset(
-        ModelConfig(), DiffusionConfig(kind="linear", steps=1000),
+        ModelConfig(), DiffusionConfig(kind="linear", num_train_steps=1000),
         replace(FULL_TRAIN, max_steps=1_200_000),
-        SampleConfig(sampler="ddpm", steps=0),
+        SampleConfig(sampler="ddpm", nfe=0),
         "cWDM: 64 channels, mult 1,2,2,4,4, two res blocks, linear 1000-step schedule, 1000-step DDPM sampling"),
     "fast": Preset(
-        ModelConfig(), DiffusionConfig(kind="fast_sampled", steps=10),
+        ModelConfig(), DiffusionConfig(kind="fast_sampled", fast_intervals=10),
         FULL_TRAIN,
-        SampleConfig(sampler="ddpm", steps=0),
+        SampleConfig(sampler="ddpm", nfe=0),
         "Fast-cWDM: cWDM's network trained and sampled on 10 steps of the linear curve (11 evaluations)"),
     "fats": Preset(
-        ModelConfig(), DiffusionConfig(kind="fats", steps=1000),
+        ModelConfig(), DiffusionConfig(kind="fats", num_train_steps=1000),
         FULL_TRAIN,
-        SampleConfig(sampler="ddim", steps=4),
+        SampleConfig(sampler="ddim", nfe=4),
         "FATS: per-band log-SNR shifts from wavelet energy statistics, learned 4-step sampling schedule"),
     "demo": Preset(
-        DEMO_MODEL, DiffusionConfig(kind="fast_sampled", steps=10),
+        DEMO_MODEL, DiffusionConfig(kind="fast_sampled", fast_intervals=10),
         DEMO_TRAIN,
-        SampleConfig(sampler="ddpm", steps=0),
+        SampleConfig(sampler="ddpm", nfe=0),
         "a small network on the reduced-size demo data (trains on a 2-core CPU in minutes)"),
     "demo_fats": Preset(
-        DEMO_MODEL, DiffusionConfig(kind="fats", steps=1000),
+        DEMO_MODEL, DiffusionConfig(kind="fats", num_train_steps=1000),
         DEMO_TRAIN,
-        SampleConfig(sampler="ddim", steps=4),
+        SampleConfig(sampler="ddim", nfe=4),
         "the demo network with FATS schedules and learned 4-step sampling (CPU)"),
     "tiny": Preset(
-        TINY_MODEL, DiffusionConfig(kind="fast_sampled", steps=10),
+        TINY_MODEL, DiffusionConfig(kind="fast_sampled", fast_intervals=10),
         TrainConfig(lr=5e-4, batch_size=1, max_steps=20, save_interval=10, log_interval=1, val_interval=0,
                     val_cases=0, image_interval=0, ema_rate=0.9, num_workers=0),
-        SampleConfig(sampler="ddim", steps=2),
+        SampleConfig(sampler="ddim", nfe=2),
         "a minimal network for tests and smoke runs on tiny volumes, e.g. Geometry.scaled(18 / 240) (seconds)"),
 }
 

@@ -1,12 +1,13 @@
-"""Samplers: loops over (denoiser, schedule, x_T, steps) built on the single steps of
+"""Samplers: loops over (denoiser, schedule, x_T, timesteps) built on the single steps of
 :mod:`guided_diffusion.diffusion`, and the one registry that picks a loop by name.
 
 ``denoiser(x_t, t) -> pred_x0`` carries the network and its conditioning (see
-:func:`guided_diffusion.diffusion.make_denoiser`). ``steps`` is a strictly decreasing
-sequence of schedule step indices; the sampler makes one network evaluation per entry
-(NFE = len(steps)) and ends on the clean estimate. All formulas are per band, so the same
-code serves shared and per-band (FATS) schedules. Every loop has the signature
-``fn(denoiser, schedule, x_T, steps, *, generator=None, clip=None, callback=None, **options)``.
+:func:`guided_diffusion.diffusion.make_denoiser`). ``timesteps`` is a strictly decreasing
+sequence of schedule step indices (chosen by :func:`guided_diffusion.timesteps.plan_timesteps`);
+the sampler makes one network evaluation per entry (NFE = len(timesteps)) and ends on the clean
+estimate. All formulas are per band, so the same code serves shared and per-band (FATS)
+schedules. Every loop has the signature
+``fn(denoiser, schedule, x_T, timesteps, *, generator=None, clip=None, callback=None, **options)``.
 """
 from __future__ import annotations
 
@@ -21,24 +22,14 @@ Callback = Callable[[dict], None]
 Clip = Callable[[torch.Tensor], torch.Tensor]
 
 
-def respaced_steps(num_steps: int, k: int) -> list[int]:
-    """K step indices evenly spaced from the last step (T - 1) to 0, decreasing."""
-    if not 1 <= k <= num_steps:
-        raise ValueError(f"respaced_steps: need 1 <= K <= {num_steps}, got {k}")
-    if k == 1:
-        return [num_steps - 1]
-    idx = torch.linspace(num_steps - 1, 0, k, dtype=torch.float64).round().long().tolist()
-    return list(dict.fromkeys(idx))
-
-
-def _check_steps(schedule: NoiseSchedule, steps: Sequence[int] | None) -> list[int]:
-    steps = list(range(schedule.num_steps - 1, -1, -1)) if steps is None else [int(s) for s in steps]
+def _check_timesteps(schedule: NoiseSchedule, timesteps: Sequence[int] | None) -> list[int]:
+    steps = list(range(schedule.num_steps - 1, -1, -1)) if timesteps is None else [int(s) for s in timesteps]
     if not steps:
-        raise ValueError("sampler: empty step list")
+        raise ValueError("sampler: empty timestep list")
     if any(a <= b for a, b in zip(steps, steps[1:])):
-        raise ValueError(f"sampler: steps must be strictly decreasing, got {steps}")
+        raise ValueError(f"sampler: timesteps must be strictly decreasing, got {steps}")
     if steps[0] >= schedule.num_steps or steps[-1] < 0:
-        raise ValueError(f"sampler: steps must lie in [0, {schedule.num_steps - 1}], got {steps}")
+        raise ValueError(f"sampler: timesteps must lie in [0, {schedule.num_steps - 1}], got {steps}")
     return steps
 
 
@@ -50,15 +41,15 @@ def _step_pairs(steps: list[int], x: torch.Tensor):
         yield i, torch.full((b,), t, dtype=torch.long), torch.full((b,), s, dtype=torch.long)
 
 
-def ddpm_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, steps: Sequence[int] | None = None,
+def ddpm_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, timesteps: Sequence[int] | None = None,
                 *, generator: Generators = None, clip: Clip | None = None, callback: Callback | None = None,
                 variance: str = "large") -> torch.Tensor:
     """Ancestral sampling (DDPM) with :func:`~guided_diffusion.diffusion.ddpm_step`.
-    ``steps=None`` uses every step; a subset gives respaced DDPM.
+    ``timesteps=None`` uses every step; a subset gives respaced DDPM.
 
     x_T: (B, C, d, h, w) pure noise. Returns the final x0 sample, same shape.
     """
-    steps = _check_steps(schedule, steps)
+    steps = _check_timesteps(schedule, timesteps)
     x = x_T
     for i, t, s in _step_pairs(steps, x):
         pred_x0 = denoiser(x, t)
@@ -71,7 +62,7 @@ def ddpm_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, 
     return x
 
 
-def ddim_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, steps: Sequence[int] | None = None,
+def ddim_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, timesteps: Sequence[int] | None = None,
                 *, generator: Generators = None, clip: Clip | None = None, callback: Callback | None = None,
                 eta: float = 0.0) -> torch.Tensor:
     """DDIM with :func:`~guided_diffusion.diffusion.ddim_step`, per band, with the conditioning in
@@ -82,7 +73,7 @@ def ddim_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, 
     """
     if eta < 0:
         raise ValueError(f"ddim_sample: eta must be >= 0, got {eta}")
-    steps = _check_steps(schedule, steps)
+    steps = _check_timesteps(schedule, timesteps)
     x = x_T
     # Per-step tables, moved to the device once (not two copies, each a sync on CUDA, per step):
     # (K, C) alpha_bar at t and at s (s = -1 after the last step), and the step indices.
@@ -107,7 +98,7 @@ def ddim_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, 
 
 
 SamplerFn = Callable[..., torch.Tensor]
-"""``fn(denoiser, schedule, x_T, steps, *, generator=None, clip=None, callback=None, **options)
+"""``fn(denoiser, schedule, x_T, timesteps, *, generator=None, clip=None, callback=None, **options)
 -> x0`` (B, C, d, h, w); options are the sampler's own (``variance`` for DDPM, ``eta`` for DDIM)."""
 
 SAMPLER_REGISTRY: dict[str, SamplerFn] = {"ddpm": ddpm_sample, "ddim": ddim_sample}

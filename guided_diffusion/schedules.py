@@ -108,39 +108,42 @@ def _from_betas(betas: torch.Tensor, n_bands: int, model_times: torch.Tensor, na
     return NoiseSchedule(alpha_bar[None].expand(n_bands, -1).clone(), model_times.double(), name)
 
 
-def linear(steps: int = REFERENCE_STEPS, beta_start: float = 1e-4, beta_end: float = 0.02,
+def linear(num_train_steps: int = REFERENCE_STEPS, beta_start: float = 1e-4, beta_end: float = 0.02,
            n_bands: int = 8) -> NoiseSchedule:
-    """DDPM's linear betas; with ``steps`` != 1000 the betas are rescaled by 1000 / steps
-    (guided-diffusion's convention, Fast-DDPM "direct"). The network sees t * 1000 / steps so
-    its time embedding covers the same range whatever the step count."""
-    scale = REFERENCE_STEPS / steps
-    betas = torch.linspace(beta_start * scale, min(beta_end * scale, 0.999), steps, dtype=torch.float64)
-    name = "linear" if steps == REFERENCE_STEPS else f"fast_direct{steps}"
-    return _from_betas(betas, n_bands, torch.arange(steps, dtype=torch.float64) * scale, name)
+    """DDPM's linear betas over T = ``num_train_steps``; with T != 1000 the betas are rescaled by
+    1000 / T (guided-diffusion's convention, Fast-DDPM "direct"). The network sees t * 1000 / T so
+    its time embedding covers the same range whatever T is."""
+    T = num_train_steps
+    scale = REFERENCE_STEPS / T
+    betas = torch.linspace(beta_start * scale, min(beta_end * scale, 0.999), T, dtype=torch.float64)
+    name = "linear" if T == REFERENCE_STEPS else f"fast_direct{T}"
+    return _from_betas(betas, n_bands, torch.arange(T, dtype=torch.float64) * scale, name)
 
 
-def cosine(steps: int = REFERENCE_STEPS, n_bands: int = 8, offset: float = 0.008) -> NoiseSchedule:
-    """Nichol & Dhariwal's cosine schedule (betas capped at 0.999)."""
+def cosine(num_train_steps: int = REFERENCE_STEPS, n_bands: int = 8, offset: float = 0.008) -> NoiseSchedule:
+    """Nichol & Dhariwal's cosine schedule over T = ``num_train_steps`` (betas capped at 0.999)."""
     def f(u):
         return math.cos((u + offset) / (1 + offset) * math.pi / 2) ** 2
 
-    betas = torch.tensor([min(1 - f((i + 1) / steps) / f(i / steps), 0.999) for i in range(steps)],
-                         dtype=torch.float64)
-    scale = REFERENCE_STEPS / steps
-    return _from_betas(betas, n_bands, torch.arange(steps, dtype=torch.float64) * scale, f"cosine{steps}")
+    T = num_train_steps
+    betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
+    scale = REFERENCE_STEPS / T
+    return _from_betas(betas, n_bands, torch.arange(T, dtype=torch.float64) * scale, f"cosine{T}")
 
 
-def fast_sampled(steps: int = 10, beta_start: float = 1e-4, beta_end: float = 0.02, n_bands: int = 8) -> NoiseSchedule:
-    """Fast-DDPM's uniform choice: the 1000-step linear curve at [0, 99, 199, ..., 999].
+def fast_sampled(intervals: int = 10, num_train_steps: int = REFERENCE_STEPS, beta_start: float = 1e-4,
+                 beta_end: float = 0.02, n_bands: int = 8) -> NoiseSchedule:
+    """Fast-DDPM's uniform choice: the ``num_train_steps``-long linear curve at ``intervals`` + 1
+    points including t = 0 (for 1000 and 10: steps [0, 99, 199, ..., 999]).
 
-    That is ``steps`` + 1 points including t = 0, so sampling through all of them costs
-    ``steps`` + 1 network evaluations. The network sees the original 1000-step time index.
+    Sampling through all of them costs ``intervals`` + 1 network evaluations. The network sees
+    the base curve's time at each chosen point (the original 1000-step index for T = 1000).
     """
-    base = linear(REFERENCE_STEPS, beta_start, beta_end, n_bands)
-    stride = REFERENCE_STEPS // steps
-    idx = torch.arange(-1, REFERENCE_STEPS, stride)
+    base = linear(num_train_steps, beta_start, beta_end, n_bands)
+    stride = num_train_steps // intervals
+    idx = torch.arange(-1, num_train_steps, stride)
     idx[0] = 0
-    return NoiseSchedule(base.alpha_bar[:, idx].clone(), idx.double(), f"fast_sampled{steps}")
+    return NoiseSchedule(base.alpha_bar[:, idx].clone(), base.model_times[idx].clone(), f"fast_sampled{intervals}")
 
 
 def per_band_schedule(base: NoiseSchedule, shifts: Sequence[float] | torch.Tensor,

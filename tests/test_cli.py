@@ -74,7 +74,7 @@ def test_nfe_sets_the_sample_config_step_budget():
 
     args = script("sample").parse_args(["--checkpoint", "m.pt", "--data_dir", "d", "--out_dir", "o", "--target",
                                         "t1n", "--steps", "7"])
-    assert cli.sample_config_from_args(args, SampleConfig(steps=0)).steps == 7
+    assert cli.sample_config_from_args(args, SampleConfig(nfe=0)).nfe == 7
 
 
 @pytest.mark.parametrize("name, argv, field, value", [
@@ -83,6 +83,10 @@ def test_nfe_sets_the_sample_config_step_budget():
      ["t1c=a.pt", "t2f=b.pt"]),
     ("fats_stats", ["--data_dir", "d", "--out", "o.json", "--contr", "t2w"], "target", "t2w"),
     ("fats_fit_steps", ["--checkpoint", "c", "--data_dir", "d", "--out", "o", "--contr", "t1n"], "target", "t1n"),
+    ("fats_fit_steps", ["--checkpoint", "c", "--data_dir", "d", "--out", "o", "--target", "t1n", "--k", "1", "3"],
+     "nfe", [1, 3]),
+    ("fats_fit_steps", ["--checkpoint", "c", "--data_dir", "d", "--out", "o", "--target", "t1n", "--default_k", "3"],
+     "default_nfe", 3),
 ])
 def test_every_command_accepts_its_old_spellings(name, argv, field, value, capsys):
     assert getattr(script(name).parse_args(argv), field) == value

@@ -12,12 +12,12 @@ from DWT_IDWT import BAND_NAMES, clip_in_image_space, from_subbands, to_subbands
 from guided_diffusion.config import ConfigError, DiffusionConfig
 from guided_diffusion.diffusion import append_dims, make_denoiser
 from guided_diffusion.factory import build_model, build_schedule, fats_schedule
-from guided_diffusion.fats import (band_energy_stats, fats_state_dict, load_fats_state, ramped_shifts,
-                                   shifts_from_energy, subband_mask)
-from guided_diffusion.fats_search import (BAND_GROUPS, learn_timesteps, masked_mse, power_steps, refine_group_shifts,
-                                          search_kappa)
-from guided_diffusion.samplers import ddim_sample, respaced_steps
+from guided_diffusion.fats import (FatsState, LearnedTimesteps, band_energy_stats, ramped_shifts, shifts_from_energy,
+                                   subband_mask)
+from guided_diffusion.fats_search import BAND_GROUPS, learn_timesteps, masked_mse, refine_group_shifts, search_kappa
+from guided_diffusion.samplers import ddim_sample
 from guided_diffusion.schedules import cosine, linear, per_band_schedule
+from guided_diffusion.timesteps import power_timesteps, uniform_timesteps
 
 
 # --------------------------------------------------------------------------- energy statistics
@@ -89,11 +89,12 @@ def test_shifts_from_energy_equalise_effective_snr():
 def test_zero_shifts_reduce_exactly_to_the_base_schedule(base_kind, steps):
     base = linear(steps, n_bands=8) if base_kind == "linear" else cosine(steps, n_bands=8)
     for shifts in ((), (0.0,) * 8):
-        sched = build_schedule(DiffusionConfig(kind="fats", steps=steps, fats_base=base_kind, band_shifts=shifts))
+        sched = build_schedule(DiffusionConfig(kind="fats", num_train_steps=steps, fats_base=base_kind,
+                                               band_shifts=shifts))
         assert torch.equal(sched.alpha_bar, base.alpha_bar)
         assert torch.equal(sched.model_times, base.model_times)
     # a zero-shift band keeps the base row bit for bit even when other bands are shifted
-    mixed = fats_schedule(DiffusionConfig(kind="fats", steps=steps, fats_base=base_kind,
+    mixed = fats_schedule(DiffusionConfig(kind="fats", num_train_steps=steps, fats_base=base_kind,
                                           band_shifts=(0.0, 1.0, -1.0, 2.0, 0.0, 3.0, -2.0, 4.0)))
     assert torch.equal(mixed.alpha_bar[[0, 4]], base.alpha_bar[[0, 4]])
     assert not torch.equal(mixed.alpha_bar[1], base.alpha_bar[1])
@@ -103,7 +104,7 @@ def test_zero_shifts_reduce_exactly_to_the_base_schedule(base_kind, steps):
 def test_shifted_bands_keep_the_endpoints_and_move_snr_the_right_way(steps):
     base = linear(steps, n_bands=1)
     shifts = (-4.0, -2.0, -0.5, 0.5, 1.0, 2.0, 3.0, 4.0)
-    sched = fats_schedule(DiffusionConfig(kind="fats", steps=steps, band_shifts=shifts))
+    sched = fats_schedule(DiffusionConfig(kind="fats", num_train_steps=steps, band_shifts=shifts))
     # terminal SNR near zero and t = 0 near clean, for every band
     assert bool((sched.alpha_bar[:, -1] < 1e-3).all())
     torch.testing.assert_close(sched.alpha_bar[:, -1], base.alpha_bar[0, -1].expand(8), rtol=1e-12, atol=0)
@@ -173,7 +174,7 @@ def _error(denoiser, schedule, cases, steps):
 
 def test_learned_timesteps_find_the_brute_force_optimum_of_a_toy():
     T, K = 40, 3
-    schedule = fats_schedule(DiffusionConfig(kind="fats", steps=T, band_shifts=(-1, 1, 1, 2, 1, 2, 2, 3)))
+    schedule = fats_schedule(DiffusionConfig(kind="fats", num_train_steps=T, band_shifts=(-1, 1, 1, 2, 1, 2, 2, 3)))
     denoiser = _gaussian_denoiser(schedule)
     cases = _ode_cases(schedule)
     result = learn_timesteps(lambda case: denoiser, schedule, cases, K)
@@ -182,8 +183,9 @@ def test_learned_timesteps_find_the_brute_force_optimum_of_a_toy():
     assert all(a > b for a, b in zip(steps, steps[1:]))
     # the reported error is the real sampler's error with those steps (prefix caching is exact)
     assert result["error"] == pytest.approx(_error(denoiser, schedule, cases, steps), rel=1e-9)
-    assert result["uniform_steps"] == respaced_steps(T, K)
-    assert result["uniform_error"] == pytest.approx(_error(denoiser, schedule, cases, respaced_steps(T, K)), rel=1e-9)
+    assert result["uniform_steps"] == uniform_timesteps(T, K)
+    assert result["uniform_error"] == pytest.approx(_error(denoiser, schedule, cases, uniform_timesteps(T, K)),
+                                                   rel=1e-9)
     brute = min(_error(denoiser, schedule, cases, [T - 1, a, b])
                 for a, b in itertools.combinations(range(T - 2, -1, -1), 2))
     assert result["error"] <= brute * (1 + 1e-9)
@@ -194,7 +196,7 @@ def test_learned_timesteps_on_the_shared_1000_step_schedule_with_a_teacher():
     schedule = linear(1000)
     denoiser = _gaussian_denoiser(schedule)
     cases = [{"x0": torch.zeros(2, 8, 3, 3, 3, dtype=torch.float64)}]  # only its shape is used with a teacher
-    teacher = respaced_steps(1000, 100)
+    teacher = uniform_timesteps(1000, 100)
     seen = []
     result = learn_timesteps(lambda case: denoiser, schedule, cases, 4, reference="teacher", teacher_steps=teacher,
                              callback=seen.append, seed=3)
@@ -215,7 +217,7 @@ def test_learned_timesteps_with_a_network_clip_and_mask(tiny_model_config):
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     shifts = (0.0, 1.0, 1.0, 2.0, 1.0, 2.0, 2.0, 3.0)
-    schedule = fats_schedule(DiffusionConfig(kind="fats", steps=12, band_shifts=shifts))
+    schedule = fats_schedule(DiffusionConfig(kind="fats", num_train_steps=12, band_shifts=shifts))
     cases = [{"x0": to_subbands(torch.rand(1, 1, 8, 8, 8)), "cond": torch.rand(1, 24, 4, 4, 4),
               "mask": subband_mask(torch.rand(1, 8, 8, 8) > 0.5)}]
     result = learn_timesteps(lambda case: make_denoiser(model, schedule, case["cond"]), schedule, cases, 3,
@@ -228,12 +230,12 @@ def test_learned_timesteps_with_a_network_clip_and_mask(tiny_model_config):
     assert result["error"] == pytest.approx(masked_mse(out, cases[0]["x0"], cases[0]), rel=1e-5)
 
 
-def test_power_steps_are_strictly_decreasing_from_the_last_step():
+def test_power_timesteps_are_strictly_decreasing_from_the_last_step():
     for T, K, rho in [(1000, 10, 3.0), (12, 10, 3.0), (10, 10, 0.5), (5, 1, 2.0)]:
-        steps = power_steps(T, K, rho)
+        steps = power_timesteps(T, K, rho)
         assert len(steps) == K and steps[0] == T - 1 and steps[-1] >= 0
         assert all(a > b for a, b in zip(steps, steps[1:]))
-    assert power_steps(1000, 10, 1.0) == respaced_steps(1000, 10)
+    assert power_timesteps(1000, 10, 1.0) == uniform_timesteps(1000, 10)
 
 
 # --------------------------------------------------------------------------- shift refinement
@@ -256,23 +258,59 @@ def test_search_kappa_and_group_shift_refinement():
 def test_fats_state_round_trip_keeps_shifts_and_timesteps():
     stats = band_energy_stats([torch.randn(8, 2, 2, 2)])
     shifts = (-1.5, 0.25, 0.25, 1.0, 0.25, 1.0, 1.0, 4.0)
-    learned = {"k": 4, "steps": [999, 400, 120, 7], "error": 0.01, "uniform_steps": [999, 666, 333, 0],
-               "uniform_error": 0.02}
-    state = fats_state_dict(energy_stats=stats, band_shifts=shifts, timesteps={4: learned, 2: (999, 300)}, kappa=0.75)
-    again = load_fats_state(json.loads(json.dumps({**state, "default_k": 4})))
-    assert again["band_shifts"] == shifts and again["kappa"] == 0.75
-    assert again["timesteps"][4]["steps"] == [999, 400, 120, 7] and again["timesteps"][2]["steps"] == [999, 300]
-    assert again["timesteps"][4]["uniform_error"] == 0.02 and again["energy_stats"] == stats
-    assert again["default_k"] == 4  # keys added by callers pass through
-    assert load_fats_state(state)["timesteps"] == again["timesteps"]
+    result = {"k": 4, "steps": [999, 400, 120, 7], "error": 0.01, "uniform_steps": [999, 666, 333, 0],
+              "uniform_error": 0.02}
+    state = FatsState(energy_stats=stats, band_shifts=shifts, kappa=0.75).with_learned({4: result, 2: (999, 300)}, 4)
+    again = FatsState.from_dict(json.loads(json.dumps(state.to_dict())))
+    assert again == state
+    assert again.band_shifts == shifts and again.kappa == 0.75 and again.energy_stats == stats
+    assert again.learned_timesteps(4) == [999, 400, 120, 7] and again.learned_timesteps(2) == [999, 300]
+    assert again.learned[4] == LearnedTimesteps((999, 400, 120, 7), 0.01, (999, 666, 333, 0), 0.02)
+    assert again.default_nfe == 4 and again.learned_timesteps(3) is None
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save(state.into_extra({"sample": {}}), buffer)
     buffer.seek(0)
-    assert load_fats_state(torch.load(buffer, weights_only=True))["band_shifts"] == shifts
+    extra = torch.load(buffer, weights_only=True)
+    assert set(extra) == {"sample", "fats"} and FatsState.from_extra(extra) == state
+    assert FatsState.from_extra({"sample": {}}) is None
+    assert FatsState().with_learned({2: (9, 4)}, default_nfe=4).default_nfe == 2  # 4 was not fitted
     with pytest.raises(ValueError, match="strictly decreasing"):
-        fats_state_dict(timesteps={3: [999, 999, 0]})
+        FatsState().with_learned({3: [999, 999, 0]}, 3)
+    with pytest.raises(ValueError, match="NFE=3 must be 3 indices"):
+        FatsState(learned={3: LearnedTimesteps((999, 0))})
     with pytest.raises(ValueError, match="version"):
-        load_fats_state({**state, "version": 99})
+        FatsState.from_dict({**state.to_dict(), "version": 99})
+
+
+# What the previous code wrote into checkpoint["extra"]["fats"] (fats_state_dict version 1, with the
+# default budget "default_k" beside the state's keys), verbatim.
+OLD_FATS_EXTRA = {
+    "version": 1,
+    "energy_stats": {"energy": {"LLL": 0.5}},
+    "band_shifts": [-1.5, 0.25, 0.25, 1.0, 0.25, 1.0, 1.0, 4.0],
+    "kappa": 1.0,
+    "timesteps": {"4": {"steps": [999, 400, 120, 7], "error": 0.01, "uniform_steps": [999, 666, 333, 0],
+                        "uniform_error": 0.02},
+                  "2": {"steps": [999, 300], "error": 0.05, "uniform_steps": [999, 0], "uniform_error": 0.07}},
+    "extra": {},
+    "default_k": 4,
+}
+
+
+def test_a_version_1_fats_state_with_default_k_still_loads(caplog):
+    with caplog.at_level("WARNING"):
+        state = FatsState.from_extra({"fats": OLD_FATS_EXTRA, "sample": {"sampler": "ddim", "steps": 4}})
+    assert "version 1" in caplog.text
+    assert state.default_nfe == 4 and state.kappa == 1.0 and state.band_shifts[-1] == 4.0
+    assert state.learned_timesteps(4) == [999, 400, 120, 7] and state.learned_timesteps(2) == [999, 300]
+    assert state.learned[2].uniform_timesteps == (999, 0) and state.learned[2].uniform_error == 0.07
+    assert state.energy_stats == {"energy": {"LLL": 0.5}}
+    rewritten = state.to_dict()
+    assert rewritten["version"] == 2 and "default_k" not in rewritten and "timesteps" not in rewritten
+    assert FatsState.from_dict(rewritten) == state
+    # before any step was learned, version 1 already stored default_k: no learned steps, no error
+    early = FatsState.from_dict({**OLD_FATS_EXTRA, "timesteps": {}})
+    assert early.default_nfe == 4 and early.learned == {}
 
 
 # --------------------------------------------------------------------------- script
@@ -307,3 +345,63 @@ def test_fats_stats_script_end_to_end(tmp_path):
     assert stats["energy"]["LLL"] > stats["energy"]["HHH"] > 0
     shifts = stats["shifts_kappa1_mean"]
     assert len(shifts) == 8 and shifts[-1] > 0 > shifts[0]
+
+
+def test_fats_stats_reproduces_what_training_measured(tmp_path):
+    """Same cases, seed and case budget: the command writes exactly the statistics that FATS training
+    stores in its checkpoint (prepare_fats_schedule), key for key, float for float."""
+    from guided_diffusion.bratsloader import BratsDataset
+    from guided_diffusion.cli import find_cases
+    from guided_diffusion.commands import fats_stats as script
+    from guided_diffusion.fats_training import prepare_fats_schedule
+
+    _write_tiny_brats(tmp_path / "training", 4)
+    out = tmp_path / "stats.json"
+    argv = ["--data_dir", str(tmp_path / "training"), "--target", "t2f", "--out", str(out), "--max_cases", "3",
+            "--seed", "5"]
+    assert script.main(argv) == 0
+    written = json.loads(out.read_text())
+    cases, _, geometry = find_cases(str(tmp_path / "training"), "train", check_data=False)
+    _, _, extra = prepare_fats_schedule(DiffusionConfig(kind="fats"), BratsDataset(cases, geometry), "t2f", seed=5,
+                                        max_cases=3)
+    trained = FatsState.from_extra(json.loads(json.dumps(extra))).energy_stats
+    reported = {key: value for key, value in written.items()
+                if key not in ("data_dir", "network_shape", "shifts_kappa1_mean")}
+    assert reported == trained
+    assert trained["n_volumes"] == 3 and trained["seed"] == 5 and len(set(trained["case_ids"])) == 3
+    # a different seed picks other cases, so the comparison above is not vacuous
+    assert script.main([*argv[:-1], "6"]) == 0
+    assert json.loads(out.read_text())["case_ids"] != trained["case_ids"]
+
+
+def test_fats_fit_steps_stores_learned_timesteps_that_sampling_then_uses(tmp_path, tiny_model_config):
+    """The command (fit_and_store_timesteps underneath) keeps the checkpoint's FATS state and adds the
+    learned timesteps; the timestep policy then samples the default budget's learned steps."""
+    from guided_diffusion.checkpoints import load_model, save_checkpoint
+    from guided_diffusion.commands import fats_fit_steps
+    from guided_diffusion.timesteps import plan_timesteps
+
+    _write_tiny_brats(tmp_path / "held_out", 2)
+    diffusion = DiffusionConfig(kind="fats", num_train_steps=20, band_shifts=(0.5,) * 8)
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config)
+    for p in model.parameters():  # break the zero init so the output depends on the input
+        torch.nn.init.normal_(p, std=0.05)
+    stored = FatsState(band_shifts=diffusion.band_shifts, kappa=0.5, default_nfe=2)
+    source = save_checkpoint(tmp_path / "model.pt", {
+        "model": model.state_dict(), "ema": None, "step": 7,
+        "config": {"model": tiny_model_config.to_dict(), "diffusion": diffusion.to_dict()},
+        "schedule": build_schedule(diffusion).state_dict(), "extra": stored.into_extra({"sample": {"nfe": 2}})})
+    out = tmp_path / "with_steps.pt"
+    assert fats_fit_steps.main(["--checkpoint", str(source), "--data_dir", str(tmp_path / "held_out"), "--target",
+                                "t2f", "--nfe", "1", "2", "--default_nfe", "2", "--max_cases", "1", "--out",
+                                str(out), "--device", "cpu"]) == 0
+    loaded = load_model(out)
+    state = loaded.fats_state
+    assert loaded.step == 7 and loaded.extra["sample"] == {"nfe": 2}
+    assert (state.band_shifts, state.kappa, state.default_nfe) == (stored.band_shifts, 0.5, 2)
+    assert sorted(state.learned) == [1, 2] and state.learned_timesteps(1) == [19]
+    learned_2 = state.learned_timesteps(2)
+    assert learned_2[0] == 19 and state.learned[2].error <= state.learned[2].uniform_error
+    assert plan_timesteps(loaded.schedule, state, 0) == (learned_2, "learned (NFE=2)")
+    assert load_model(source).fats_state.learned == {}  # the source checkpoint is left alone

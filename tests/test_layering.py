@@ -30,12 +30,14 @@ LAYERS: dict[str, int] = {
     "guided_diffusion.conditioning": 1, "guided_diffusion.fats": 1,
     # 2: diffusion math
     "guided_diffusion.diffusion": 2, "guided_diffusion.samplers": 2, "guided_diffusion.fats_search": 2,
+    "guided_diffusion.timesteps": 2,
     # 3: construction from configs
     "guided_diffusion.factory": 3,
     # 4: pipeline
     "guided_diffusion.checkpoints": 4, "guided_diffusion.synthesis": 4, "guided_diffusion.train_util": 4,
     "guided_diffusion.fats_training": 4, "guided_diffusion.bratsloader": 4, "guided_diffusion.metrics": 4,
     "guided_diffusion.demo_data": 4, "guided_diffusion.figures": 4, "guided_diffusion.presets": 4,
+    "guided_diffusion.volume_cache": 4,
     # 5: command line
     "guided_diffusion.cli": 5, "guided_diffusion.commands": 5,
 }
@@ -47,9 +49,12 @@ SAME_LAYER_IMPORTS: set[tuple[str, str]] = {
     ("guided_diffusion.samplers", "guided_diffusion.diffusion"),
     ("guided_diffusion.fats_search", "guided_diffusion.diffusion"),
     ("guided_diffusion.fats_search", "guided_diffusion.samplers"),
+    ("guided_diffusion.fats_search", "guided_diffusion.timesteps"),
     ("guided_diffusion.synthesis", "guided_diffusion.checkpoints"),
     ("guided_diffusion.train_util", "guided_diffusion.checkpoints"),
+    ("guided_diffusion.fats_training", "guided_diffusion.checkpoints"),
     ("guided_diffusion.demo_data", "guided_diffusion.bratsloader"),
+    ("guided_diffusion.volume_cache", "guided_diffusion.bratsloader"),
 }
 """(importer, imported) pairs allowed inside one layer; besides these, a command may use ``cli``
 and the ``guided_diffusion`` package itself (``from guided_diffusion import cli``)."""

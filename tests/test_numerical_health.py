@@ -153,7 +153,7 @@ def test_bf16_synthesis_and_training_loss_stay_close_to_fp32(tmp_path):
     loaded = load_model(write_tiny_checkpoint(tmp_path / "tiny.pt"))
     loaded.model.load_state_dict(_random_tiny_model(3).state_dict())
     volumes = torch.rand((1, 4, *NETWORK_SHAPE), generator=torch.Generator().manual_seed(0))
-    out = {p: synthesize(loaded, volumes, "t2f", SampleConfig(sampler="ddim", steps=2, precision=p), ["c"])
+    out = {p: synthesize(loaded, volumes, "t2f", SampleConfig(sampler="ddim", nfe=2, precision=p), ["c"])
            for p in ("fp32", "bf16")}
     assert not torch.equal(out["fp32"], out["bf16"])
     # outputs in [0, 1] after clipping; bf16 moves a voxel by well under the network's relative bound

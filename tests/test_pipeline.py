@@ -112,7 +112,7 @@ def test_sample_writes_volumes_metrics_figure_and_config(runs, tiny_demo_dir, tm
     assert [r["case_id"] for r in rows] == case_ids and list(rows[0]) == ["case_id", *METRIC_KEYS, "seconds"]
     assert (out_dir / "slice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((out_dir / "sample_config.json").read_text())
-    assert config["nfe"] == len(config["steps"]) == 2 and config["target_modality"] == "t2f"
+    assert config["nfe"] == len(config["timesteps"]) == 2 and config["target_modality"] == "t2f"
     assert config["model_config"] == get_preset("tiny").model.to_dict()
     assert config["sample_config"]["sampler"] == get_preset("tiny").sample.sampler
 

@@ -36,14 +36,14 @@ def random_model(tmp_path_factory):
 @pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.5)])
 def test_same_seed_same_bits_whatever_the_batch(random_model, sampler, eta):
     volumes = torch.rand((3, 4, *GEOMETRY.network_shape), generator=torch.Generator().manual_seed(1))
-    cfg = SampleConfig(sampler=sampler, steps=3, eta=eta, seed=7)
+    cfg = SampleConfig(sampler=sampler, nfe=3, eta=eta, seed=7)
     ab = synthesize(random_model, volumes[:2], "t2f", cfg, ["A", "B"])
     assert torch.equal(ab, synthesize(random_model, volumes[:2], "t2f", cfg, ["A", "B"]))  # same seed: same bits
     b_alone = synthesize(random_model, volumes[1:2], "t2f", cfg, ["B"])
     assert torch.equal(ab[1], b_alone[0])  # [A, B] vs [B]
     cba = synthesize(random_model, volumes.flip(0), "t2f", cfg, ["C", "B", "A"])
     assert torch.equal(cba[1], b_alone[0]) and torch.equal(cba[2], ab[0])  # order and company do not matter
-    other_seed = synthesize(random_model, volumes[1:2], "t2f", SampleConfig(sampler=sampler, steps=3, eta=eta,
+    other_seed = synthesize(random_model, volumes[1:2], "t2f", SampleConfig(sampler=sampler, nfe=3, eta=eta,
                                                                              seed=8), ["B"])
     assert not torch.equal(other_seed, b_alone)
     assert not torch.equal(ab[0], ab[1])
@@ -81,10 +81,10 @@ def test_runs_save_their_resolved_config_and_versions_and_repeat_bit_for_bit(tmp
         assert code == 0
         outputs.append(out_dir)
     sample_config = json.loads((outputs[0] / "sample_config.json").read_text())
-    assert set(sample_config) >= {"checkpoint", "target_modality", "sample_config", "steps", "nfe", "steps_origin",
-                                  "device", "model_config", "diffusion_config", "run"}
+    assert set(sample_config) >= {"checkpoint", "target_modality", "sample_config", "timesteps", "nfe",
+                                  "timesteps_origin", "device", "model_config", "diffusion_config", "run"}
     cfg = SampleConfig.from_dict(sample_config["sample_config"])
-    assert (cfg.sampler, cfg.seed, cfg.steps) == ("ddpm", 5, 3) and sample_config["nfe"] == 3
+    assert (cfg.sampler, cfg.seed, cfg.nfe) == ("ddpm", 5, 3) and sample_config["nfe"] == 3
     assert ModelConfig.from_dict(sample_config["model_config"]) == ModelConfig.from_dict(run_config["model"])
     _versions_ok(sample_config["run"])
     for i in range(2):

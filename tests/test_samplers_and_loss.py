@@ -9,8 +9,9 @@ from DWT_IDWT import clip_in_image_space
 from guided_diffusion.config import SAMPLERS, ConfigError, DiffusionConfig, ModelConfig
 from guided_diffusion.diffusion import (ddim_step, ddpm_step, make_denoiser, q_sample, randn, training_losses)
 from guided_diffusion.factory import build_model, build_schedule
-from guided_diffusion.samplers import SAMPLER_REGISTRY, ddim_sample, ddpm_sample, get_sampler, respaced_steps
+from guided_diffusion.samplers import SAMPLER_REGISTRY, ddim_sample, ddpm_sample, get_sampler
 from guided_diffusion.schedules import linear
+from guided_diffusion.timesteps import uniform_timesteps
 
 SHAPE = (2, 8, 4, 4, 4)
 
@@ -26,7 +27,7 @@ def setup(tiny_model_config):
 
 def test_three_step_ddim_and_respaced_ddpm_in_i2i_mode(setup):
     model, schedule, cond = setup
-    steps = respaced_steps(schedule.num_steps, 3)
+    steps = uniform_timesteps(schedule.num_steps, 3)
     assert steps == [999, 500, 0]
     seen = []
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
@@ -47,13 +48,13 @@ def test_deterministic_ddim_with_a_perfect_denoiser_recovers_x0():
     schedule = linear()
     x0 = torch.rand(1, 8, 2, 2, 2)
     x_T = torch.randn(1, 8, 2, 2, 2)
-    out = ddim_sample(lambda x_t, t: x0, schedule, x_T, respaced_steps(1000, 4))
+    out = ddim_sample(lambda x_t, t: x0, schedule, x_T, uniform_timesteps(1000, 4))
     torch.testing.assert_close(out, x0)
 
 
 def test_per_case_generators_make_samples_independent_of_the_batch(setup):
     model, schedule, cond = setup
-    steps = respaced_steps(1000, 2)
+    steps = uniform_timesteps(1000, 2)
 
     def run(cond, seeds):
         generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -70,7 +71,7 @@ def test_one_sampler_registry_with_one_signature():
     for name, fn in SAMPLER_REGISTRY.items():
         assert get_sampler(name) is fn
         params = list(inspect.signature(fn).parameters.values())
-        assert [p.name for p in params[:4]] == ["denoiser", "schedule", "x_T", "steps"]
+        assert [p.name for p in params[:4]] == ["denoiser", "schedule", "x_T", "timesteps"]
         assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params[:4])
         assert all(p.kind is p.KEYWORD_ONLY for p in params[4:])
         assert {"generator", "clip", "callback"} <= {p.name for p in params[4:]}
@@ -182,7 +183,7 @@ def test_modality_label_embedding_is_optional(tiny_model_config):
 
 def test_config_json_round_trip_and_validation():
     for cfg in (ModelConfig(), ModelConfig(num_channels=16, channel_mult=(1, 2, 2), num_groups=8),
-                DiffusionConfig(), DiffusionConfig(kind="fast_sampled", steps=10)):
+                DiffusionConfig(), DiffusionConfig(kind="fast_sampled", fast_intervals=10)):
         assert type(cfg).from_json(cfg.to_json()) == cfg
     with pytest.raises(ConfigError, match="num_groups"):
         ModelConfig(num_channels=10, num_groups=4)
@@ -190,7 +191,7 @@ def test_config_json_round_trip_and_validation():
         DiffusionConfig(kind="quadratic")
     with pytest.raises(ConfigError, match="unknown keys"):
         DiffusionConfig.from_dict({"kind": "linear", "sampling_steps": 3})
-    assert build_schedule(DiffusionConfig(kind="fast_direct", steps=10)).num_steps == 10
+    assert build_schedule(DiffusionConfig(kind="fast_direct", num_train_steps=10)).num_steps == 10
 
 
 def test_model_rejects_wrong_input_shapes(tiny_model_config):

@@ -45,7 +45,7 @@ def test_posterior_over_a_respaced_pair_matches_the_composed_forward_process():
 
 
 def test_fast_ddpm_variants():
-    direct = build_schedule(DiffusionConfig(kind="fast_direct", steps=10))
+    direct = build_schedule(DiffusionConfig(kind="fast_direct", num_train_steps=10))
     assert direct.num_steps == 10 and direct.alpha_bar[0, -1] < linear().alpha_bar[0, -1] * 10
     torch.testing.assert_close(direct.betas[0, 0], torch.tensor(1e-4 * 100, dtype=torch.float64))
     sampled = fast_sampled(10)
@@ -73,9 +73,12 @@ def test_the_schedule_registry_builds_exactly_the_kinds_configs_accept():
     assert tuple(SCHEDULE_BUILDERS) == SCHEDULE_KINDS
     assert tuple(_FATS_BASE_CURVES) == FATS_BASES
     for kind in SCHEDULE_KINDS:
-        steps = 1000 if kind == "linear" else 10
-        schedule = build_schedule(DiffusionConfig(kind=kind, steps=steps))
-        assert schedule.n_bands == 8 and schedule.num_steps == (11 if kind == "fast_sampled" else steps)
+        if kind == "fast_sampled":
+            schedule, expected = build_schedule(DiffusionConfig(kind=kind, fast_intervals=10)), 11
+        else:
+            steps = 1000 if kind == "linear" else 10
+            schedule, expected = build_schedule(DiffusionConfig(kind=kind, num_train_steps=steps)), steps
+        assert schedule.n_bands == 8 and schedule.num_steps == expected
 
 
 def test_the_linear_kind_is_ddpms_1000_step_schedule():
@@ -90,10 +93,10 @@ def test_the_linear_kind_is_ddpms_1000_step_schedule():
 
 def test_linear_with_another_length_is_refused_and_points_to_fast_direct():
     with pytest.raises(ConfigError, match="kind 'fast_direct'"):
-        DiffusionConfig(kind="linear", steps=10)
+        DiffusionConfig(kind="linear", num_train_steps=10)
     with pytest.raises(ConfigError, match="fast_direct"):
-        DiffusionConfig.from_dict({"kind": "linear", "steps": 100})
-    direct = build_schedule(DiffusionConfig(kind="fast_direct", steps=10))
+        DiffusionConfig.from_dict({"kind": "linear", "steps": 100})  # an old file's spelling, same refusal
+    direct = build_schedule(DiffusionConfig(kind="fast_direct", num_train_steps=10))
     betas = [0.01 + (0.999 - 0.01) * i / 9 for i in range(10)]  # betas x 1000 / 10, the end capped at 0.999
     assert direct.alpha_bar[0, -1].item() == pytest.approx(math.prod(1 - b for b in betas), rel=1e-9)
     assert direct.model_times.tolist() == [100.0 * i for i in range(10)]

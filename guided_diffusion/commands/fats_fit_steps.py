@@ -1,11 +1,11 @@
-r"""Learn K-step sampling timesteps for a checkpoint on held-out cases and store them in it.
+r"""Learn the sampling timesteps of a few NFE budgets for a checkpoint on held-out cases; store them in it.
 
 Works for any checkpoint: a FATS run (done automatically at the end of `train.py --preset fats`),
 a shared-schedule Fast-cWDM checkpoint, or cWDM's published weights (only the choice of
 timesteps is training-free for those).
 
     python scripts/fats_fit_steps.py --checkpoint runs/fats/t2f/best.pt --data_dir data/held_out \
-        --target t2f --k 1 2 4 10 --out runs/fats/t2f/best_steps.pt
+        --target t2f --nfe 1 2 4 10 --out runs/fats/t2f/best_steps.pt
 
 The held-out cases must not be used for anything else you report on.
 """
@@ -14,12 +14,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from guided_diffusion import cli
 from guided_diffusion.bratsloader import BratsDataset
-from guided_diffusion.checkpoints import is_bare_state_dict, load_model, read_checkpoint, resolve_model_source, save_checkpoint
-from guided_diffusion.fats_training import DEFAULT_K, fit_sampling_steps, held_out_cases, with_learned_steps
+from guided_diffusion.checkpoints import is_bare_state_dict, load_model, read_checkpoint, resolve_model_source
+from guided_diffusion.constants import PRECISIONS
+from guided_diffusion.fats_training import DEFAULT_NFE, FATS_NFE_BUDGETS, fit_and_store_timesteps, held_out_cases
 
 logger = logging.getLogger("fats_fit_steps")
 
@@ -29,8 +28,14 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="a .pt/.safetensors path or hf://<org>/<repo>/<file>[@rev]")
     p.add_argument("--data_dir", required=True, help="held-out cases with all four modalities")
     cli.add_target_argument(p, "the modality the model synthesises", required=True)
-    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 10], help="step budgets to learn (default 1 2 4 10)")
-    p.add_argument("--default_k", type=int, default=DEFAULT_K, help="budget used when sampling without --nfe")
+    p.add_argument("--nfe", type=int, nargs="+", default=list(FATS_NFE_BUDGETS),
+                   help="NFE budgets whose timesteps are learned (default %(default)s)")
+    p.add_renamed_flag("--k", "--nfe")
+    p.add_argument("--default_nfe", type=int, default=DEFAULT_NFE,
+                   help="budget sampling uses when no --nfe is given (default %(default)s)")
+    p.add_renamed_flag("--default_k", "--default_nfe")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="network precision while fitting: the one you will sample with (default fp32)")
     p.add_argument("--max_cases", type=int, default=4, help="held-out cases used for fitting (seeded subset)")
     p.add_argument("--seed", type=int, default=0, help="seed of the case subset and the starting noise")
     p.add_argument("--out", required=True, help="output checkpoint (refuses to overwrite unless --overwrite)")
@@ -49,29 +54,23 @@ def checkpoint_dict_for(path: Path, loaded) -> dict:
     return data
 
 
-def fit_and_store(checkpoint_path: Path, data_dir: str, target: str, ks, out: Path, *, default_k: int = DEFAULT_K,
-                  max_cases: int = 4, seed: int = 0, device: str | torch.device = "cpu") -> dict:
-    loaded = load_model(checkpoint_path, device=device)
-    cases, failures, geometry = cli.find_cases(data_dir, "train", check_data=False)
-    for failure in failures:
-        logger.warning("skipping %s", failure)
-    held_out = held_out_cases(BratsDataset(cases, geometry), target, device, max_cases, seed)
-    with torch.no_grad():
-        results = fit_sampling_steps(loaded.model, loaded.schedule, held_out, ks, seed=seed)
-    save_checkpoint(out, with_learned_steps(checkpoint_dict_for(checkpoint_path, loaded), results, default_k))
-    return results
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         return cli.fatal(f"{out}: exists; pass --overwrite to replace it")
     device = cli.default_device(args.device)
-    results = fit_and_store(resolve_model_source(args.checkpoint), args.data_dir, args.target, args.k, out,
-                            default_k=args.default_k, max_cases=args.max_cases, seed=args.seed, device=device)
-    for k, r in sorted(results.items()):
-        print(f"K={k}: steps {r['steps']}  held-out error {r['error']:.5g}  (uniform {r['uniform_error']:.5g})")
+    source = resolve_model_source(args.checkpoint)
+    loaded = load_model(source, device=device)
+    cases, failures, geometry = cli.find_cases(args.data_dir, "train", check_data=False)
+    for failure in failures:
+        logger.warning("skipping %s", failure)
+    held_out = held_out_cases(BratsDataset(cases, geometry), args.target, device, args.max_cases, args.seed)
+    results = fit_and_store_timesteps(loaded.model, loaded.schedule, held_out, args.nfe,
+                                      [(checkpoint_dict_for(source, loaded), out)], default_nfe=args.default_nfe,
+                                      seed=args.seed, precision=args.precision)
+    for nfe, r in sorted(results.items()):
+        print(f"NFE={nfe}: timesteps {r['steps']}  held-out error {r['error']:.5g}  (uniform {r['uniform_error']:.5g})")
     print(f"wrote {out}")
     return cli.EXIT_OK
 

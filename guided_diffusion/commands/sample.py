@@ -28,7 +28,8 @@ from guided_diffusion.figures import slice_figure
 from guided_diffusion.fileio import atomic_write, save_json
 from guided_diffusion.metrics import METRIC_KEYS, evaluate_case, summarize
 from guided_diffusion.runinfo import run_info
-from guided_diffusion.synthesis import choose_steps, synthesize
+from guided_diffusion.synthesis import synthesize
+from guided_diffusion.timesteps import plan_timesteps
 
 logger = logging.getLogger("sample")
 RESULT_FILES = ("sample_config.json", "metrics.json", "metrics.csv", "slice.png")  # one set per --out_dir
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     loaded = load_model(resolve_model_source(args.checkpoint, args.hf_cache), device=device)
     cli.check_model_target(loaded, args.target, args.checkpoint)
     cfg = cli.sample_config_from_args(args, cli.checkpoint_sample_defaults(loaded))
-    steps, steps_origin = choose_steps(loaded, cfg)
+    timesteps, timesteps_origin = plan_timesteps(loaded.schedule, loaded.fats_state, cfg.nfe)
     cases, failures, geometry = cli.find_cases(args.data_dir, "train", check_data=False)
     try:
         geometry.check_divisible(loaded.model_config.spatial_divisor.bit_length())  # DWT (x2) + UNet downsamplings
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
                               "pass --overwrite to replace them or choose another --out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     logger.info("synthesising %s for %d cases with %s, %d network evaluations (%s), on %s", args.target, len(cases),
-                cfg.sampler, len(steps), steps_origin, device)
+                cfg.sampler, len(timesteps), timesteps_origin, device)
     records, figure, figure_wanted = [], None, True
     target_idx = modality_index(args.target)
     for case in tqdm(cases, desc=f"sample {args.target}", dynamic_ncols=True):
@@ -113,7 +114,8 @@ def main(argv=None) -> int:
                 raise CaseError(out_path, "output exists; pass --overwrite to replace it")
             data = load_case(case, geometry)
             start = time.perf_counter()
-            pred = synthesize(loaded, torch.from_numpy(data.volumes)[None], args.target, cfg, [case.case_id], steps)[0]
+            pred = synthesize(loaded, torch.from_numpy(data.volumes)[None], args.target, cfg, [case.case_id],
+                              timesteps)[0]
             seconds = time.perf_counter() - start
             save_volume(out_path, to_original_grid(pred.numpy(), geometry), data.reference, overwrite=args.overwrite)
             gt = data.volumes[target_idx]
@@ -126,12 +128,12 @@ def main(argv=None) -> int:
             if figure_wanted:
                 figure_wanted = False
                 figure = write_figure(out_dir / "slice.png", case.case_id, data.volumes, pred.numpy(), args.target,
-                                      len(steps))
+                                      len(timesteps))
         except CaseError as err:
             failures.append(err)
             logger.error("%s", err)
     meta = {"checkpoint": args.checkpoint, "target_modality": args.target, "sample_config": cfg.to_dict(),
-            "steps": steps, "nfe": len(steps), "steps_origin": steps_origin, "device": str(device),
+            "timesteps": timesteps, "nfe": len(timesteps), "timesteps_origin": timesteps_origin, "device": str(device),
             "model_config": loaded.model_config.to_dict(), "diffusion_config": loaded.diffusion_config.to_dict(),
             "metrics_grid": "network grid (cropped/padded), BraSyn normalisation", "run": run_info()}
     save_json(meta, out_dir / "sample_config.json")

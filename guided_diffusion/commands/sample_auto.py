@@ -24,7 +24,8 @@ from guided_diffusion.checkpoints import CheckpointError, load_model, resolve_mo
 from guided_diffusion.fileio import save_json
 from guided_diffusion.constants import MODALITIES
 from guided_diffusion.runinfo import run_info
-from guided_diffusion.synthesis import choose_steps, synthesize
+from guided_diffusion.synthesis import synthesize
+from guided_diffusion.timesteps import plan_timesteps
 
 logger = logging.getLogger("sample_auto")
 CHECKPOINT_NAMES = ("{m}/best.pt", "{m}/latest.pt", "{m}.safetensors", "{m}.pt")
@@ -105,12 +106,12 @@ def main(argv=None) -> int:
                 raise CaseError(out_path, "output exists; refusing to overwrite it")
             loaded = models[target]
             cfg = cli.sample_config_from_args(args, cli.checkpoint_sample_defaults(loaded))
-            steps, origin = choose_steps(loaded, cfg)
+            timesteps, origin = plan_timesteps(loaded.schedule, loaded.fats_state, cfg.nfe)
             data = load_case(case, geometry)
-            pred = synthesize(loaded, torch.from_numpy(data.volumes)[None], target, cfg, [case.case_id], steps)[0]
+            pred = synthesize(loaded, torch.from_numpy(data.volumes)[None], target, cfg, [case.case_id], timesteps)[0]
             save_volume(out_path, to_original_grid(pred.numpy(), geometry), data.reference)
-            written.append({"case_id": case.case_id, "missing": target, "output": str(out_path), "nfe": len(steps),
-                            "steps_origin": origin})
+            written.append({"case_id": case.case_id, "missing": target, "output": str(out_path), "nfe": len(timesteps),
+                            "timesteps_origin": origin})
         except CaseError as err:
             failures.append(err)
             logger.error("%s", err)

@@ -15,16 +15,16 @@ from tqdm import tqdm
 
 from guided_diffusion import cli
 from guided_diffusion.bratsloader import BratsDataset, CaseError
-from guided_diffusion.checkpoints import read_checkpoint, save_checkpoint
+from guided_diffusion.checkpoints import read_checkpoint
 from guided_diffusion.fileio import save_json
 from guided_diffusion.constants import MODALITIES, PRECISIONS
-from guided_diffusion.fats_training import fit_sampling_steps, held_out_cases, prepare_fats_schedule, with_learned_steps
+from guided_diffusion.fats_training import (FATS_NFE_BUDGETS, fit_and_store_timesteps, held_out_cases,
+                                            prepare_fats_schedule)
 from guided_diffusion.presets import get_preset
 from guided_diffusion.runinfo import run_info
 from guided_diffusion.train_util import LATEST, Trainer, TrainingDiverged, setup_distributed
 
 logger = logging.getLogger("train")
-FATS_STEP_BUDGETS = (1, 2, 4, 10)
 
 
 def parse_args(argv=None):
@@ -100,7 +100,7 @@ def train_one(args, preset, target: str, train_cases, val_cases, geometry, dist)
     summary = trainer.run(on_log)
     bar.close()
     if diffusion_cfg.kind == "fats" and val_cases and dist.is_main:
-        fit_fats_steps(trainer, val_set, target, run_dir)
+        fit_fats_steps(trainer, val_set, target, run_dir, preset.sample.precision)
     if dist.is_main:
         logger.info("%s: trained to step %d, best validation loss %.5g; checkpoints in %s", target, summary["step"],
                     summary["best_val"], run_dir)
@@ -115,19 +115,17 @@ def remove_partial_saves(run_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def fit_fats_steps(trainer, val_set, target: str, run_dir: Path) -> None:
-    """FATS: learn the K-step sampling timesteps of the best checkpoint's EMA weights on the
-    validation cases, and store them in best.pt and latest.pt."""
+def fit_fats_steps(trainer, val_set, target: str, run_dir: Path, precision: str) -> None:
+    """FATS: learn the sampling timesteps of each budget in ``FATS_NFE_BUDGETS`` for the best
+    checkpoint's EMA weights on the validation cases, and store them in best.pt and latest.pt."""
     source = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / LATEST
     trainer.ema.load_state_dict(read_checkpoint(source)["ema"])
     cases = held_out_cases(val_set, target, trainer.device, max_cases=len(val_set), seed=trainer.cfg.seed)
-    with torch.no_grad():
-        results = fit_sampling_steps(trainer.ema, trainer.target_schedule, cases, FATS_STEP_BUDGETS,
-                                     seed=trainer.cfg.seed)
-    for name in ("best.pt", LATEST):
-        if (run_dir / name).is_file():
-            save_checkpoint(run_dir / name, with_learned_steps(read_checkpoint(run_dir / name), results))
-    logger.info("stored learned sampling steps for K = %s (fitted on %s)", sorted(results), source.name)
+    targets = [(read_checkpoint(run_dir / name), run_dir / name) for name in ("best.pt", LATEST)
+               if (run_dir / name).is_file()]
+    results = fit_and_store_timesteps(trainer.ema, trainer.target_schedule, cases, FATS_NFE_BUDGETS, targets,
+                                      seed=trainer.cfg.seed, precision=precision)
+    logger.info("stored learned sampling timesteps for NFE = %s (fitted on %s)", sorted(results), source.name)
 
 
 def main(argv=None) -> int:
