@@ -216,3 +216,21 @@ def test_an_old_checkpoints_default_budget_beside_the_state_is_still_used():
                  "timesteps": {"2": {"steps": [9, 0]}, "3": {"steps": [9, 4, 0]}}, "default_k": 3}
     state = FatsState.from_extra({"fats": version_1})
     assert state.default_nfe == 3 and state.learned_timesteps(3) == [9, 4, 0]
+
+
+def test_sample_auto_writes_what_sample_writes_for_the_same_case(checkpoint, case_dir, tmp_path):
+    import shutil
+
+    path = checkpoint[0]
+    (case,) = sorted(p for p in case_dir.iterdir() if p.is_dir())
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(case, incomplete / case.name)
+    (incomplete / case.name / f"{case.name}-t2f.nii.gz").unlink()
+    assert run_main("sample", ["--checkpoint", path, "--data_dir", case_dir, "--target", "t2f", "--out_dir",
+                               tmp_path / "sample", "--nfe", 2, "--device", "cpu"]) == 0
+    assert run_main("sample_auto", ["--checkpoint", f"t2f={path}", "--data_dir", incomplete, "--out_dir",
+                                    tmp_path / "auto", "--nfe", 2, "--device", "cpu"]) == 0
+    name = f"{case.name}/{case.name}-t2f.nii.gz"
+    sampled, completed = nib.load(str(tmp_path / "sample" / name)), nib.load(str(tmp_path / "auto" / name))
+    np.testing.assert_array_equal(completed.get_fdata(), sampled.get_fdata())
+    np.testing.assert_array_equal(completed.affine, sampled.affine)

@@ -265,3 +265,30 @@ def test_synthesis_is_eq_12_clamped_in_image_space_and_uses_eta_and_the_clip_fla
     out = results[0.0, False]
     assert out.min() == 0 and out.max() == 1  # the oracle's volume leaves [0, 1]: the clamp shows
     assert not torch.equal(results[0.0, True], out)  # cWDM's x0 clipping changes the path
+
+
+def grad_norm(model) -> float:
+    return math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters() if p.grad is not None))
+
+
+def test_the_gradient_norm_is_clipped_to_grad_clip(tmp_path):
+    unclipped = tiny_trainer(tmp_path / "a", grad_clip=0.0)
+    unclipped.train_step(tiny_batch())
+    assert grad_norm(unclipped.model) > 0.01
+    clipped = tiny_trainer(tmp_path / "b", grad_clip=0.001)
+    clipped.train_step(tiny_batch())
+    assert grad_norm(clipped.model) == pytest.approx(0.001, rel=1e-3)
+
+
+def test_validation_scores_the_ema_weights_not_the_raw_ones(tmp_path):
+    trainer = tiny_trainer(tmp_path)
+    trainer.val_set = [{"volumes": tiny_batch(1)["volumes"][0], "case_id": "v"}]
+    before = trainer.validation_loss()
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.5)
+    assert trainer.validation_loss() == before
+    with torch.no_grad():
+        for p in trainer.ema.parameters():
+            p.add_(0.5)
+    assert trainer.validation_loss() != before
