@@ -200,6 +200,8 @@ class TrainConfig(_JsonConfig):
     band_weights: tuple[float, ...] = field(default_factory=tuple)  # per-band loss weights (empty: uniform)
     shift_ramp_steps: int = 0  # FATS fine-tuning from a shared-schedule checkpoint: ramp shifts in
     init_from: str = ""  # start from these weights (e.g. cWDM's), not a resume
+    compile: bool = False  # torch.compile the network for the training steps (GPU: see benchmarks/gpu_suite.py)
+    cache_dir: str = ""  # cache of preprocessed cases (volume_cache.CachedBratsDataset); "" reads the NIfTI files
 
     def __post_init__(self):
         if self.target_modality not in MODALITIES:
@@ -234,6 +236,7 @@ class SampleConfig(_JsonConfig):
     clip_denoised: bool = True  # cWDM: IDWT -> clamp to [0, 1] -> DWT of every x0 prediction
     seed: int = 0
     precision: str = "fp32"
+    compile: bool = False  # torch.compile the network once per loaded model (first call compiles)
 
     @classmethod
     def _upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:

@@ -93,27 +93,45 @@ def training_losses(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
 VARIANCE_KINDS = ("large", "small")
 
 
-def posterior_mean_variance(schedule: NoiseSchedule, x_t: torch.Tensor, pred_x0: torch.Tensor, t: torch.Tensor,
-                            s: torch.Tensor, variance: str = "large") -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of p(x_s | x_t) given the x0 estimate, per band.
+def ddpm_coefficients(schedule: NoiseSchedule, t: torch.Tensor, s: torch.Tensor,
+                      variance: str = "large") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coefficients of p(x_s | x_t) = N(coef_x0 * x0_hat + coef_xt * x_t, var), per band.
 
-    x_t, pred_x0: (B, C, d, h, w); t, s: (B,) step indices, s < t (s = -1: the clean end).
-    ``variance="large"`` is cWDM's fixed-large choice (the step's beta, 1 - alpha_bar_t /
-    alpha_bar_s); ``"small"`` is the true posterior variance. At s = -1 no noise is added; the
-    variance is reported as DDPM does, from the posterior variance of the step 1 -> 0, so it stays
-    finite. Returns ``mean`` (B, C, d, h, w) and ``variance`` (B, C) (float64, the schedule's dtype).
+    t, s: (B,) step indices, s < t (s = -1: the clean end). ``variance="large"`` is cWDM's
+    fixed-large choice (the step's beta, 1 - alpha_bar_t / alpha_bar_s); ``"small"`` is the true
+    posterior variance. At s = -1 no noise is added; the variance is reported as DDPM does, from the
+    posterior variance of the step 1 -> 0, so it stays finite. Returns three (B, C) float64 tensors.
+    Samplers compute them for all their steps at once (one table, moved to the device once).
     """
     if variance not in VARIANCE_KINDS:
         raise ValueError(f"variance must be one of {VARIANCE_KINDS}, got {variance!r}")
     coef_x0, coef_xt, post_var = schedule.posterior(t, s)
-    mean = append_dims(coef_x0, x_t) * pred_x0 + append_dims(coef_xt, x_t) * x_t
     var = post_var if variance == "small" else 1.0 - schedule.alpha_bar_at(t) / schedule.alpha_bar_at(s)
     final = (s < 0).cpu()
     if bool(final.any()) and schedule.num_steps > 1:
         one = torch.ones_like(t)
         _, _, first_var = schedule.posterior(one, one - 1)
-        var = torch.where(final[:, None], first_var, var)
-    return mean, var
+        var = torch.where(final[:, None].to(var.device), first_var.to(var.device), var)
+    return coef_x0, coef_xt, var
+
+
+def ddpm_update(x_t: torch.Tensor, pred_x0: torch.Tensor, coef_x0: torch.Tensor, coef_xt: torch.Tensor,
+                var: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """x_s = coef_x0 * pred_x0 + coef_xt * x_t (+ sqrt(var) * noise): the arithmetic of one DDPM step.
+
+    x_t, pred_x0, noise: (B, C, d, h, w); coef_x0, coef_xt, var: (B, C) from
+    :func:`ddpm_coefficients`. ``noise=None``: the posterior mean (the final step).
+    """
+    mean = append_dims(coef_x0, x_t) * pred_x0 + append_dims(coef_xt, x_t) * x_t
+    return mean if noise is None else mean + append_dims(var, x_t).sqrt() * noise
+
+
+def posterior_mean_variance(schedule: NoiseSchedule, x_t: torch.Tensor, pred_x0: torch.Tensor, t: torch.Tensor,
+                            s: torch.Tensor, variance: str = "large") -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (B, C, d, h, w) and variance (B, C) (float64) of p(x_s | x_t) given the x0 estimate,
+    per band (see :func:`ddpm_coefficients`)."""
+    coef_x0, coef_xt, var = ddpm_coefficients(schedule, t, s, variance)
+    return ddpm_update(x_t, pred_x0, coef_x0, coef_xt, var, None), var
 
 
 def reverse_step_mean_variance(schedule: NoiseSchedule, denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor,
@@ -143,12 +161,12 @@ def ddpm_step(schedule: NoiseSchedule, x_t: torch.Tensor, pred_x0: torch.Tensor,
     posterior mean (the x0 estimate itself) and needs no noise; otherwise ``noise`` (standard
     normal) is required. Returns x_s, (B, C, d, h, w).
     """
-    mean, var = posterior_mean_variance(schedule, x_t, pred_x0, t, s, variance)
+    coef_x0, coef_xt, var = ddpm_coefficients(schedule, t, s, variance)
     if s[0] < 0:
-        return mean
+        return ddpm_update(x_t, pred_x0, coef_x0, coef_xt, var, None)
     if noise is None:
         raise ValueError("ddpm_step: a step to s >= 0 needs noise")
-    return mean + append_dims(var, x_t).sqrt() * noise
+    return ddpm_update(x_t, pred_x0, coef_x0, coef_xt, var, noise)
 
 
 def ddim_step(x_t: torch.Tensor, pred_x0: torch.Tensor, alpha_bar_t: torch.Tensor, alpha_bar_s: torch.Tensor,

@@ -114,15 +114,24 @@ class _Search:
             case.preds[j:] = preds
 
     def search_position(self, steps: list[int], j: int, error: float, grid: int):
-        """Best index for position j (others fixed): coarse grid, then shrinking local search."""
+        """Best index for position j (others fixed): coarse grid, then shrinking local search.
+
+        Only the trajectory tails of the best trial so far are kept (not those of every trial):
+        at full size a tail is K - j steps x 2 volumes x cases, and keeping all ~20 trials' tails
+        took tens of GB for K = 10. Ties keep the current index, then the earliest trial.
+        """
         lo = steps[j + 1] + 1 if j + 1 < len(steps) else 0
         hi = steps[j - 1] - 1
-        tried = {steps[j]: (error, None)}
+        errors = {steps[j]: error}
+        best_trial: list = [None, math.inf, None]  # index, error, tails of the best trial (not the current index)
 
         def trial(c: int) -> None:
-            if lo <= c <= hi and c not in tried:
+            if lo <= c <= hi and c not in errors:
                 candidate = steps[:j] + [c] + steps[j + 1:]
-                tried[c] = self.evaluate(candidate, j)
+                err, tails = self.evaluate(candidate, j)
+                errors[c] = err
+                if err < best_trial[1]:
+                    best_trial[:] = [c, err, tails]
 
         n = min(grid, hi - lo + 1)
         for c in torch.linspace(lo, hi, n, dtype=torch.float64).round().long().tolist():
@@ -130,11 +139,12 @@ class _Search:
         window = math.ceil((hi - lo) / max(n - 1, 1))
         while window > 1:
             window = math.ceil(window / 2)
-            best = min(tried, key=lambda c: tried[c][0])
+            best = min(errors, key=errors.get)
             trial(best - window)
             trial(best + window)
-        best = min(tried, key=lambda c: (tried[c][0], c != steps[j]))  # ties keep the current index
-        return best, tried[best]
+        if best_trial[0] is None or not best_trial[1] < error:
+            return steps[j], (error, None)
+        return best_trial[0], (best_trial[1], best_trial[2])
 
 
 @torch.no_grad()

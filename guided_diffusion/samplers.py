@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .diffusion import Denoiser, Generators, ddim_step, ddpm_step, randn
+from .diffusion import Denoiser, Generators, ddim_step, ddpm_coefficients, ddpm_update, randn
 from .schedules import NoiseSchedule
 
 Callback = Callable[[dict], None]
@@ -51,12 +51,19 @@ def ddpm_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, 
     """
     steps = _check_timesteps(schedule, timesteps)
     x = x_T
+    # Per-step tables, moved to the device once: (K, C) coefficients and the step indices, so the
+    # loop makes no host-device copy (each a synchronisation on CUDA).
+    t_table = torch.tensor(steps, dtype=torch.long)
+    s_table = torch.tensor(steps[1:] + [-1], dtype=torch.long)
+    coefs = [c.to(device=x.device, dtype=x.dtype) for c in ddpm_coefficients(schedule, t_table, s_table, variance)]
+    t_device = t_table.to(x.device)
+    b = x.shape[0]
     for i, t, s in _step_pairs(steps, x):
-        pred_x0 = denoiser(x, t)
+        pred_x0 = denoiser(x, t_device[i].expand(b))
         if clip is not None:
             pred_x0 = clip(pred_x0)
         noise = randn(x.shape, generator, x.device, x.dtype) if s[0] >= 0 else None
-        x = ddpm_step(schedule, x, pred_x0, t, s, variance=variance, noise=noise)
+        x = ddpm_update(x, pred_x0, *(c[i].expand(b, -1) for c in coefs), noise)
         if callback is not None:
             callback({"i": i, "t": int(t[0]), "x": x, "pred_x0": pred_x0})
     return x

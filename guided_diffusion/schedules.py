@@ -13,7 +13,7 @@ config: :mod:`guided_diffusion.factory` maps a ``DiffusionConfig`` to these func
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from typing import Sequence
 
@@ -35,6 +35,9 @@ class NoiseSchedule:
     alpha_bar: torch.Tensor
     model_times: torch.Tensor
     name: str = "custom"
+    # alpha_bar with a leading column of ones (step -1), per device: built once, so indexing with
+    # device-resident step indices (the training loop on a GPU) never copies to or from the host.
+    _padded_by_device: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         ab, times = self.alpha_bar, self.model_times
@@ -67,8 +70,11 @@ class NoiseSchedule:
 
     def alpha_bar_at(self, t: torch.Tensor) -> torch.Tensor:
         """alpha_bar for step indices t (B,), -1 meaning "no noise" (alpha_bar = 1): (B, n_bands)."""
-        padded = torch.cat([torch.ones_like(self.alpha_bar[:, :1]), self.alpha_bar], dim=1)
-        return padded[:, t.long().cpu() + 1].T.contiguous()
+        padded = self._padded_by_device.get(t.device)
+        if padded is None:
+            padded = torch.cat([torch.ones_like(self.alpha_bar[:, :1]), self.alpha_bar], dim=1).to(t.device)
+            self._padded_by_device[t.device] = padded
+        return padded[:, t.long() + 1].T.contiguous()
 
     def posterior(self, t: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Coefficients of q(x_s | x_t, x0) for step indices s < t (s = -1: the clean image).
