@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -47,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine, sync  # noqa: E402
-from DWT_IDWT import clip_in_image_space, dwt3, idwt3, to_subbands  # noqa: E402
+from DWT_IDWT import clip_in_image_space, dwt3, idwt3  # noqa: E402
 from guided_diffusion.checkpoints import LoadedModel  # noqa: E402
 from guided_diffusion.config import DiffusionConfig, ModelConfig, SampleConfig, TrainConfig  # noqa: E402,E501
 from guided_diffusion.factory import build_model  # noqa: E402,E501
@@ -58,7 +57,7 @@ from guided_diffusion.presets import TINY_MODEL  # noqa: E402
 from guided_diffusion.samplers import ddim_sample  # noqa: E402
 from guided_diffusion.timesteps import uniform_timesteps  # noqa: E402
 from guided_diffusion.schedules import linear  # noqa: E402
-from guided_diffusion.synthesis import synthesize  # noqa: E402
+from guided_diffusion.synthesis import synthesize, synthesize_volumes  # noqa: E402
 from guided_diffusion.train_util import Trainer  # noqa: E402
 
 RESULT = Path(__file__).resolve().parent / "results" / "gpu_suite.json"
@@ -240,16 +239,27 @@ def cuda_graph_loop(model, model_cfg: ModelConfig, sub, device, repeats: int, k:
 # --------------------------------------------------------------------------- synthesis
 
 
-def synthesis(model_cfg: ModelConfig, volume, device, repeats: int, ks=(1, 4, 10)) -> dict:
-    model = random_network(model_cfg, device)
-    schedule = linear(1000, n_bands=model_cfg.out_channels)
-    loaded = LoadedModel(model, model_cfg, DiffusionConfig(), schedule, "random weights (gpu_suite)")
+def synthesis(model_cfg: ModelConfig, volume, device, repeats: int, quick: bool, ks=(1, 4, 10)) -> dict:
+    """``synthesize`` as users call it (library defaults: no cudnn.benchmark), per precision, and
+    compiled in bf16 (``SampleConfig.compile``; first call, which compiles, reported separately)."""
+    torch.backends.cudnn.benchmark = False
     volumes = torch.rand((1, 4, *volume), generator=torch.Generator().manual_seed(0))
     out: dict = {"volume_shape": list(volume), "sampler": "ddim", "clip": "cWDM image-space clamp"}
-    torch.backends.cudnn.benchmark = True
-    for precision in ("fp32", "bf16"):
-        cfg = SampleConfig(sampler="ddim", seed=0, precision=precision)
+    variants = {"fp32": SampleConfig(sampler="ddim", precision="fp32"),
+                "bf16": SampleConfig(sampler="ddim", precision="bf16"),
+                "bf16_compiled": SampleConfig(sampler="ddim", precision="bf16", compile=True)}
+    for name, cfg in variants.items():
+        if cfg.compile and quick:
+            out[name] = {"skipped": "--quick: inductor compilation takes minutes on a CPU (tests cover the option)"}
+            continue
+        schedule = linear(1000, n_bands=model_cfg.out_channels)
+        loaded = LoadedModel(random_network(model_cfg, device), model_cfg, DiffusionConfig(), schedule,
+                             "random weights (gpu_suite)")
         rec = {}
+        start = time.perf_counter()
+        synthesize(loaded, volumes, "t2f", cfg, ["case"], timesteps=uniform_timesteps(schedule.num_steps, 1))
+        sync(device)
+        rec["first_call_s"] = time.perf_counter() - start
         for k in ks:
             steps = uniform_timesteps(schedule.num_steps, k)
             stats = timed(lambda: synthesize(loaded, volumes, "t2f", cfg, ["case"], timesteps=steps), device, repeats,
@@ -261,7 +271,33 @@ def synthesis(model_cfg: ModelConfig, volume, device, repeats: int, ks=(1, 4, 10
         rec["per_step_s"] = per_step
         rec["fixed_s"] = fixed
         rec["k1000_s_extrapolated"] = fixed + 1000 * per_step
-        out[precision] = rec
+        out[name] = rec
+    return out
+
+
+def host_audit(model_cfg: ModelConfig, volume, device) -> dict:
+    """Host<->device copies per sampling step of ``synthesize_volumes`` on this device, per sampler,
+    recorded by bench_sampling's dispatch-mode audit on real tensors: (count(K=3) - count(K=1)) / 2."""
+    from benchmarks.bench_sampling import _HostAudit
+
+    model = random_network(model_cfg, device)
+    schedule = linear(1000, n_bands=model_cfg.out_channels)
+    volumes = torch.rand((1, 4, *volume))
+    out = {}
+    for sampler in ("ddim", "ddpm"):
+        counts = {}
+        for k in (1, 3):
+            with torch.no_grad(), _HostAudit() as audit:
+                synthesize_volumes(model, schedule, volumes, "t2f", SampleConfig(sampler=sampler), ["audit"],
+                                   uniform_timesteps(schedule.num_steps, k))
+            counts[k] = audit.events
+        per_step = {}
+        for key in set(counts[1]) | set(counts[3]):
+            kind, op, site = key
+            n = (counts[3].get(key, 0) - counts[1].get(key, 0)) / 2
+            if n and kind != "host_op":
+                per_step[f"{kind} {op} {site}"] = n
+        out[sampler] = {"copies_per_step": sum(per_step.values()), "sites": per_step}
     return out
 
 
@@ -288,11 +324,16 @@ def train_step(model_cfg: ModelConfig, volume, device, repeats: int, run_dir: Pa
     batch = _collate([data[0]])
     out: dict = {"volume_shape": list(volume), "batch_size": 1}
     torch.backends.cudnn.benchmark = True
-    modes = [("fp32", False, contextlib.nullcontext), ("fp32", True, contextlib.nullcontext),
-             ("bf16", False, contextlib.nullcontext), ("bf16", True, contextlib.nullcontext),
-             ("bf16", False, fp32_groupnorm)]
-    for precision, ckpt, context in modes:
-        name = precision + ("_checkpointing" if ckpt else "") + ("_fp32_groupnorm" if context is fp32_groupnorm else "")
+    torch.backends.cudnn.benchmark = False  # the library's default
+    modes = [("fp32", False, contextlib.nullcontext, False), ("fp32", True, contextlib.nullcontext, False),
+             ("bf16", False, contextlib.nullcontext, False), ("bf16", True, contextlib.nullcontext, False),
+             ("bf16", False, fp32_groupnorm, False), ("bf16", False, contextlib.nullcontext, True)]
+    for precision, ckpt, context, compiled in modes:
+        name = (precision + ("_checkpointing" if ckpt else "") + ("_fp32_groupnorm" if context is fp32_groupnorm else "")
+                + ("_compiled" if compiled else ""))
+        if compiled and not cuda:
+            out[name] = {"skipped": "compiled training is measured on CUDA only (minutes of compilation on a CPU)"}
+            continue
         with context():
             if cuda:
                 torch.cuda.empty_cache()
@@ -300,10 +341,14 @@ def train_step(model_cfg: ModelConfig, volume, device, repeats: int, run_dir: Pa
                 base = torch.cuda.memory_allocated()
             trainer = Trainer(replace(model_cfg, use_checkpoint=ckpt), DiffusionConfig(),
                               TrainConfig(run_dir=str(run_dir / name), precision=precision, val_interval=0,
-                                          image_interval=0, num_workers=0),
+                                          image_interval=0, num_workers=0, compile=compiled),
                               data, dist_info=DistInfo(device=torch.device(device)))
-            stats = timed(lambda: trainer.train_step(batch), device, repeats, warmup=2)
-            rec = {"seconds_per_step": stats["median_s"], "min_s": stats["min_s"]}
+            start = time.perf_counter()
+            trainer.train_step(batch)
+            sync(device)
+            first_s = time.perf_counter() - start
+            stats = timed(lambda: trainer.train_step(batch), device, repeats, warmup=1)
+            rec = {"seconds_per_step": stats["median_s"], "min_s": stats["min_s"], "first_step_s": first_s}
             if cuda:
                 rec["peak_memory_gib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
             out[name] = rec
@@ -389,7 +434,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes and model: a smoke run of the same code")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default 10, quick 2)")
     parser.add_argument("--out", default=str(RESULT), help=f"result JSON (default {RESULT})")
-    parser.add_argument("--sections", default="dwt,network_per_nfe,synthesis,train_step,loader",
+    parser.add_argument("--sections", default="dwt,network_per_nfe,synthesis,train_step,loader,host_audit",
                         help="comma-separated sections to run")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -413,8 +458,9 @@ def main(argv=None) -> int:
         jobs = {
             "dwt": lambda: dwt(volume, device, repeats),
             "network_per_nfe": lambda: network_per_nfe(model_cfg, volume, device, repeats, args.quick),
-            "synthesis": lambda: synthesis(model_cfg, volume, device, repeats if args.quick else 3),
+            "synthesis": lambda: synthesis(model_cfg, volume, device, repeats if args.quick else 3, args.quick),
             "train_step": lambda: train_step(model_cfg, volume, device, repeats, tmp / "runs"),
+            "host_audit": lambda: host_audit(model_cfg, volume, device),
             "loader": lambda: loader(18 / 240 if args.quick else None, 3 if args.quick else 8, tmp / "data"),
         }
         for name in wanted:
@@ -451,6 +497,9 @@ def summary(results: dict) -> dict:
         "bf16_eager_seconds_per_nfe": get("network_per_nfe", "bf16", "seconds_per_nfe"),
         "fastest_variant": best[1], "fastest_seconds_per_nfe": best[0],
         "synthesize_bf16_k4_seconds_per_volume": get("synthesis", "bf16", "k4_s"),
+        "synthesize_bf16_compiled_k4_seconds_per_volume": get("synthesis", "bf16_compiled", "k4_s"),
+        "train_bf16_compiled_speedup_vs_fp32": get("train_step", "bf16_compiled", "speedup_vs_fp32"),
+        "host_copies_per_step": {s: get("host_audit", s, "copies_per_step") for s in ("ddim", "ddpm")},
         "synthesize_fp32_k1000_seconds_extrapolated": get("synthesis", "fp32", "k1000_s_extrapolated"),
         "train_bf16_speedup_vs_fp32": None if not (fp32_step and bf16_step) else fp32_step / bf16_step,
         "train_peak_gib_bf16_checkpointing": get("train_step", "bf16_checkpointing", "peak_memory_gib"),

@@ -69,7 +69,7 @@ def synthesize_volumes(model: torch.nn.Module, schedule: NoiseSchedule, volumes:
     denoiser = make_denoiser(model, schedule, cond, precision=cfg.precision)
     # On a GPU the generators live there too (no host-to-device copy of noise per step): a case's
     # sample is reproducible for each device type, and the CPU's is the same as ever.
-    generators = [case_generator(cfg.seed, cid, "cpu" if device.type == "cpu" else device) for cid in case_ids]
+    generators = [case_generator(cfg.seed, cid, device if device.type == "cuda" else "cpu") for cid in case_ids]
     x_T = randn((volumes.shape[0], schedule.n_bands, *cond.shape[2:]), generators, device)
     options = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
     x0 = get_sampler(cfg.sampler)(denoiser, schedule, x_T, timesteps, generator=generators,

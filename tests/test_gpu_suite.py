@@ -36,10 +36,13 @@ def test_gpu_suite_quick_on_cpu(tmp_path):
         # the extrapolation is the line through the K = 1 and K = 10 measurements
         assert math.isclose(rec["fixed_s"] + 10 * rec["per_step_s"], rec["k10_s"], rel_tol=1e-9)
         assert math.isclose(rec["k1000_s_extrapolated"], rec["fixed_s"] + 1000 * rec["per_step_s"], rel_tol=1e-9)
-    for mode in ("fp32", "bf16", "fp32_checkpointing", "bf16_checkpointing"):
+    for mode in ("fp32", "bf16", "fp32_checkpointing", "bf16_checkpointing", "bf16_fp32_groupnorm"):
         assert result["train_step"][mode]["seconds_per_step"] > 0
     loader = result["loader"]
     assert loader["cases"] == 3
     assert min(loader["from_files_cases_per_s"], loader["from_cache_cases_per_s"], loader["cache_first_build_cases_per_s"]) > 0
     assert loader["cache_bytes_per_case"] > 0
     assert result["dwt"]["roundtrip_max_abs_err"] < 1e-5
+    assert "skipped" in result["train_step"]["bf16_compiled"] and "skipped" in synth["bf16_compiled"]
+    for sampler in ("ddim", "ddpm"):  # on the CPU nothing crosses a device boundary
+        assert result["host_audit"][sampler]["copies_per_step"] == 0
