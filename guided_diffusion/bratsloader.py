@@ -17,6 +17,7 @@ voxels it reads. Every problem is a ``CaseError(path, problem)``.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import logging
 import os
@@ -45,6 +46,11 @@ BRATS_CROP = 8  # voxels removed from each in-plane side
 BRATS_PADDED_DEPTH = 160
 CLIP_QUANTILES = (0.001, 0.999)  # cWDM's intensity clipping
 AFFINE_ATOL_MM = 1e-3  # modalities of one case must agree to this tolerance
+GZIP_MAX_RATIO = 1032  # deflate never compresses better than this (RFC 1951's longest match); a file
+# whose header claims more voxels than its compressed size can hold is rejected before any read
+TRAILING_SLACK_BYTES = 1 << 16  # bytes a writer may leave after the voxel data (zero padding ...)
+GZIP_MAGIC = b"\x1f\x8b"
+NIFTI_MAGICS = (b"n+1\0", b"ni1\0", b"n+2\0")
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
 
 Mode = Literal["train", "auto"]
@@ -197,26 +203,86 @@ def normalize_intensity(vol: np.ndarray) -> np.ndarray:
 
 
 def _open_header(path: Path, geometry: Geometry | None) -> nib.Nifti1Image:
-    """Load a NIfTI header lazily; check dimensionality and (unless None) the geometry."""
+    """Load a NIfTI header lazily and check everything the header says before any voxel is read.
+
+    Checks: readable NIfTI (with the real problem named: empty file, uncompressed NIfTI under a
+    ``.gz`` name), real scalar voxels (no RGB, complex ...), 3D (a trailing axis of length 1, as
+    some converters write, is dropped: the image returned is 3D), a finite affine, a shape no larger
+    than BraTS (and ``geometry``'s unless None), and a file large enough for the voxels it claims.
+    """
     try:
         image = nib.load(path)
     except nib.filebasedimages.ImageFileError as exc:
-        try:  # nibabel reports an unreadable file (permissions, I/O error) as an unknown file type
-            with open(path, "rb") as fh:
-                fh.read(1)
-        except OSError as os_error:
-            raise CaseError(path, f"cannot read: {os_error.strerror or os_error}") from exc
-        raise CaseError(path, "cannot read as NIfTI: not a NIfTI image, or its header is truncated "
-                              "(nibabel cannot work out the file type)") from exc
+        raise CaseError(path, _why_not_nifti(path)) from exc
     except _READ_ERRORS as exc:
         raise CaseError(path, f"cannot read as NIfTI ({_error_text(exc, path)})") from exc
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise CaseError(path, f"not a NIfTI image ({type(image).__name__})")
+    dtype = image.get_data_dtype()
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        name = "/".join(dtype.names) if dtype.names else str(dtype)  # RGB volumes: "R/G/B"
+        kind = "colour" if dtype.names else {"c": "complex"}.get(dtype.kind, "not numeric")
+        raise CaseError(path, f"unsupported voxel data type {name} ({kind}); expected one real value per voxel "
+                              "(integer or floating point)")
+    if len(image.shape) == 4 and image.shape[3] == 1:  # (X, Y, Z, 1): a 3D volume, read lazily as one
+        image = type(image)(image.dataobj.reshape(image.shape[:3]), image.affine, image.header)
     if len(image.shape) != 3:
         raise CaseError(path, f"expected a 3D volume, got {len(image.shape)}D shape {image.shape}")
+    if not np.isfinite(image.affine).all():
+        raise CaseError(path, "the header's affine (voxel-to-world mapping, sform/qform) contains NaN or Inf")
     if geometry is not None and tuple(image.shape) != geometry.original_shape:
         raise CaseError(path, f"shape {image.shape} != expected {geometry.original_shape}")
+    if any(s > b for s, b in zip(image.shape, BRATS_ORIGINAL_SHAPE)):
+        raise CaseError(path, f"header claims shape {image.shape}, larger than the BraTS grid {BRATS_ORIGINAL_SHAPE} "
+                              "on some axis; refusing to read it")
+    _check_file_size(path, image)
     return image
+
+
+def _why_not_nifti(path: Path) -> str:
+    """What is wrong with a file nibabel cannot identify as an image (read: at most 348 bytes)."""
+    try:  # nibabel reports an unreadable file (permissions, I/O error) as an unknown file type
+        with open(path, "rb") as fh:
+            head = fh.read(348)
+    except OSError as os_error:
+        return f"cannot read: {os_error.strerror or os_error}"
+    if not head:
+        return "empty file (0 bytes)"
+    if path.name.endswith(".gz") and not head.startswith(GZIP_MAGIC) and head[344:348] in NIFTI_MAGICS:
+        return ("an uncompressed NIfTI file under a .nii.gz name (it is not gzip-compressed); "
+                "compress it (gzip) or rename it to .nii")
+    return "cannot read as NIfTI: not a NIfTI image, or its header is truncated (nibabel cannot work out the file type)"
+
+
+def _voxel_bytes(image: nib.Nifti1Image) -> int:
+    """Bytes the header says the file holds: the voxel offset plus the voxel data."""
+    offset = max(int(getattr(image.dataobj, "offset", 0)), int(image.header.get_data_offset()))  # the proxy knows
+    return offset + int(np.prod(image.shape, dtype=np.int64)) * image.get_data_dtype().itemsize
+
+
+def _check_file_size(path: Path, image: nib.Nifti1Image) -> None:
+    """Refuse a file too small to hold what its header claims (without reading the voxels)."""
+    expected, size = _voxel_bytes(image), path.stat().st_size
+    if path.name.endswith(".gz"):
+        if size * GZIP_MAX_RATIO < expected:
+            raise CaseError(path, f"header claims shape {image.shape} of {image.get_data_dtype()} ({expected} bytes), "
+                                  f"more than a {size}-byte gzip file can hold; the file is truncated or its "
+                                  "header is wrong")
+    elif size < expected:
+        raise CaseError(path, f"file truncated: {size} bytes, the header's shape {image.shape} of "
+                              f"{image.get_data_dtype()} needs {expected}")
+
+
+def _gunzip_bounded(path: Path, limit: int) -> bytes:
+    """The decompressed content of a gzip file (every member, CRCs checked), read in a streaming
+    way and never more than ``limit`` bytes: a longer stream raises CaseError (decompression bomb)."""
+    with gzip.open(path, "rb") as fh:
+        data = fh.read(limit)
+        if fh.read(1):
+            raise CaseError(path, f"decompresses to more than {limit} bytes although its header implies "
+                                  f"{limit - TRAILING_SLACK_BYTES} (trailing data or a decompression bomb); "
+                                  "refusing to read further")
+    return data
 
 
 def _error_text(exc: BaseException, path: Path) -> str:
@@ -227,13 +293,20 @@ def _error_text(exc: BaseException, path: Path) -> str:
 def _read_voxels(path: Path, image: nib.Nifti1Image) -> np.ndarray:
     """All voxels as float64 (X, Y, Z); truncated or corrupt data -> CaseError.
 
-    A ``.gz`` file is decompressed to its end so that its CRC is checked: nibabel alone stops
-    after the bytes it needs and would return garbage from a corrupted stream without an error.
+    ``image`` is the checked header of ``_open_header``. A ``.gz`` file is decompressed to its end
+    so that its CRC is checked (nibabel alone stops after the bytes it needs and would return
+    garbage from a corrupted stream without an error), streaming and bounded by the size the
+    header implies: peak memory is the raw voxels plus their float64 copy, whatever the file holds.
     """
+    shape = image.shape
     try:
         if path.name.endswith(".gz"):
-            image = type(image).from_bytes(gzip.decompress(path.read_bytes()))
-        data = np.asarray(image.get_fdata(dtype=np.float64))
+            raw = _gunzip_bounded(path, _voxel_bytes(image) + TRAILING_SLACK_BYTES)
+            image = type(image).from_bytes(raw)
+            del raw
+        data = np.asarray(image.get_fdata(dtype=np.float64)).reshape(shape)
+    except CaseError:
+        raise
     except _READ_ERRORS as exc:
         raise CaseError(path, f"cannot read voxel data, file truncated or corrupt "
                               f"({_error_text(exc, path)})") from exc
@@ -296,6 +369,9 @@ def _scan_folder(folder: Path, mode: Mode) -> Case:
     for entry in entries:
         if entry.name in wanted and not entry.is_file():
             raise CaseError(entry, _not_a_file(entry))
+        if entry.name in wanted and entry.stat().st_size == 0:
+            raise CaseError(entry, "empty file (0 bytes); if it stands for a missing modality, delete it so that "
+                                   "the modality counts as missing")
         if entry.name not in wanted:
             raise CaseError(
                 entry,
@@ -518,11 +594,25 @@ class BratsDataset(Dataset):
 def write_nifti(
     path: str | os.PathLike, image: nib.Nifti1Image, *, overwrite: bool = False
 ) -> Path:
-    """Save ``image`` atomically (``fileio.atomic_write``; the temporary name keeps the NIfTI suffix)."""
+    """Save ``image`` atomically (``fileio.atomic_write``; the temporary name keeps the NIfTI suffix).
+
+    Without ``overwrite`` an existing ``path`` is never replaced, not even one that appears while
+    the file is being written (``FileExistsError``, naming it).
+    """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"bratsloader.py: {path} exists; pass overwrite=True to replace it")
-    return atomic_write(path, lambda tmp: nib.save(image, tmp), suffix=NIFTI_SUFFIX)
+        raise FileExistsError(errno.EEXIST, "exists; pass overwrite=True to replace it", str(path))
+    return atomic_write(path, lambda tmp: nib.save(image, tmp), suffix=NIFTI_SUFFIX, replace=overwrite)
+
+
+DESCRIP_BYTES = 80  # the NIfTI-1 header's description field
+
+
+def synthesis_description(target: str, method: str, nfe: int, checkpoint: str | os.PathLike) -> str:
+    """The header description of a synthesised volume: what it is and how it was made, e.g.
+    ``"SYNTHETIC t2f: Fast-cWDM ddim 4 NFE, best.pt"`` (cut to the 80 bytes the header holds)."""
+    text = f"SYNTHETIC {target}: Fast-cWDM {method} {nfe} NFE, {Path(str(checkpoint)).name}"
+    return text.encode("ascii", "replace")[:DESCRIP_BYTES].decode("ascii")
 
 
 def save_volume(
@@ -532,12 +622,16 @@ def save_volume(
     *,
     overwrite: bool = False,
     dtype=np.float32,
+    description: str = "SYNTHETIC: Fast-cWDM",
 ) -> Path:
-    """Write ``vol`` on the reference's grid with its affine and header.
+    """Write a synthesised ``vol`` (values in [0, 1]) on the reference's grid with its affine and header.
 
     Args:
         vol: (X, Y, Z) numpy array or tensor on the original grid (``to_original_grid``).
-        reference: image of the case (``load_reference``); only the data type changes.
+        reference: image of the case (``load_reference``). Its grid (affine, codes, units) is kept;
+            what describes the reference's own values is reset: data type, scaling, display range
+            (``cal_min/cal_max`` = 0/1), intent (none: not a label map or statistic), auxiliary
+            file, and ``description`` (see :func:`synthesis_description`).
     """
     if isinstance(vol, torch.Tensor):
         vol = vol.detach().cpu().numpy()
@@ -548,5 +642,10 @@ def save_volume(
         )
     header = reference.header.copy()
     header.set_data_dtype(dtype)
+    header.set_slope_inter(None, None)
+    header.set_intent("none", (), name="")
+    header["cal_min"], header["cal_max"] = 0.0, 1.0
+    header["aux_file"] = b""
+    header["descrip"] = description.encode("ascii", "replace")[:DESCRIP_BYTES]
     image = type(reference)(np.asarray(vol, dtype=dtype), reference.affine, header=header)
     return write_nifti(path, image, overwrite=overwrite)

@@ -21,13 +21,14 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, DiffusionConfig, ModelConfig
+from .config import ConfigError, DiffusionConfig, ModelConfig, SampleConfig
 from .factory import build_model, build_schedule
 from .fats import FatsState
 from .fileio import atomic_write, save_json
 from .schedules import NoiseSchedule
 
 FORMAT = "fast-cwdm/1"
+MAX_SCHEDULE_STEPS = 100_000  # a stored num_train_steps above this is a corrupt or hostile config
 CWDM_NUM_GROUPS = 32  # GroupNorm groups of cWDM's published models (not recoverable from shapes)
 
 
@@ -207,25 +208,71 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
         try:
             model_cfg = ModelConfig.from_dict(data["config"]["model"])
             diff_cfg = DiffusionConfig.from_dict(data["config"]["diffusion"])
-        except (KeyError, ValueError) as err:
+        except (KeyError, ValueError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{path}: invalid or missing config in checkpoint ({err})") from None
-        weights = data["ema"] if use_ema and data.get("ema") else data["model"]
-        step, extra = int(data.get("step", 0)), dict(data.get("extra", {}))
-        target = (data["config"].get("train") or {}).get("target_modality")
-        schedule = NoiseSchedule.from_state_dict(data["schedule"]) if "schedule" in data else None
+        try:
+            weights = data["ema"] if use_ema and data.get("ema") else data["model"]
+            step, extra = int(data.get("step", 0)), dict(data.get("extra") or {})
+            target = (data["config"].get("train") or {}).get("target_modality")
+            schedule = NoiseSchedule.from_state_dict(data["schedule"]) if "schedule" in data else None
+        except (KeyError, ValueError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{path}: malformed checkpoint field ({type(err).__name__}: {err})") from None
     else:
         raise CheckpointError(f"{path}: unknown checkpoint format {data.get('format')!r}")
     if expected_model_config is not None and expected_model_config != model_cfg:
         diff = describe_config_difference(expected_model_config.to_dict(), model_cfg.to_dict())
         raise CheckpointError(f"{path}: model config differs from the expected one: " + "; ".join(diff))
-    model = build_model(model_cfg)
+    if diff_cfg.num_train_steps > MAX_SCHEDULE_STEPS:
+        raise CheckpointError(f"{path}: diffusion config asks for num_train_steps={diff_cfg.num_train_steps} "
+                              f"(more than {MAX_SCHEDULE_STEPS}); refusing to build that schedule")
+    check_weights_fit(path, model_cfg, weights)
+    schedule = schedule or build_schedule(diff_cfg)
+    check_stored_settings(path, extra, schedule.num_steps)
+    model = build_model(model_cfg)  # materialised only now that every weight is known to fit
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit the model ({str(err).splitlines()[0]} ...)") from None
     model.to(device).eval()
-    return LoadedModel(model, model_cfg, diff_cfg, schedule or build_schedule(diff_cfg), str(path), step, extra,
-                       target)
+    return LoadedModel(model, model_cfg, diff_cfg, schedule, str(path), step, extra, target)
+
+
+def check_weights_fit(path: str | Path, model_cfg: ModelConfig, weights: Any) -> None:
+    """Build the model on the meta device (no memory) and compare every parameter's shape with the
+    stored weights, so that a small file whose config asks for a huge model allocates nothing."""
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        raise CheckpointError(f"{path}: the stored weights are not a dict of tensors")
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build_model(model_cfg).state_dict().items()}
+    except (ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: its model config cannot be built ({err})") from None
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    if expected == found:
+        return
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    wrong = [f"{k}: stored {found[k]}, config {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
+    parts = ([f"{len(wrong)} shapes differ (first {wrong[0]})"] if wrong else []) + \
+            ([f"{len(missing)} missing (first {missing[0]})"] if missing else []) + \
+            ([f"{len(unexpected)} unexpected (first {unexpected[0]})"] if unexpected else [])
+    raise CheckpointError(f"{path}: weights do not fit the model its config describes: " + "; ".join(parts))
+
+
+def check_stored_settings(path: str | Path, extra: dict, num_steps: int) -> None:
+    """Validate what a checkpoint stores beside the weights: the sampling settings (sampler name,
+    NFE ...) and the FATS state (its learned timesteps must be valid indices of the schedule)."""
+    try:
+        SampleConfig.from_dict(extra.get("sample") or {})
+        state = FatsState.from_extra(extra)
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path}: malformed metadata in extra ({type(err).__name__}: {err})") from None
+    if state is None:
+        return
+    for nfe, entry in state.learned.items():
+        steps = list(entry.timesteps)
+        if any(not 0 <= t < num_steps for t in steps) or any(a <= b for a, b in zip(steps, steps[1:])):
+            raise CheckpointError(f"{path}: learned timesteps for NFE={nfe} {steps} are not strictly decreasing "
+                                  f"indices in [0, {num_steps}) of its schedule")
 
 
 HUB_PREFIX = "hf://"
@@ -258,3 +305,27 @@ def resolve_model_source(source: str, cache_dir: str | Path | None = None) -> Pa
             "connected machine or pass a local checkpoint path") from None
     except Exception as err:
         raise CheckpointError(f"{source}: download failed ({type(err).__name__}: {err})") from None
+
+
+def check_resume(path: str | Path, data: dict[str, Any], model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig,
+                 target: str) -> None:
+    """Refuse to resume a run from a checkpoint whose weights mean something else: another target
+    modality, another noise schedule (kind, length, betas, FATS shifts ...) or another network.
+    The message names the checkpoint, what differs, and both values (checkpoint -> this run)."""
+    config = data.get("config") if isinstance(data, dict) else None
+    if not isinstance(config, dict) or "model" not in config:
+        raise CheckpointError(f"{path}: not a Fast-cWDM training checkpoint (no config)")
+    problems = []
+    stored_target = (config.get("train") or {}).get("target_modality")
+    if stored_target != target:
+        problems.append(f"target modality: {stored_target!r} -> {target!r}")
+    try:
+        stored_model = ModelConfig.from_dict(config["model"]).to_dict()
+        stored_diffusion = DiffusionConfig.from_dict(config.get("diffusion") or {}).to_dict()
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path}: invalid config in checkpoint ({err})") from None
+    problems += [f"diffusion {d}" for d in describe_config_difference(stored_diffusion, diffusion_cfg.to_dict())]
+    problems += [f"model {d}" for d in describe_config_difference(stored_model, model_cfg.to_dict())]
+    if problems:
+        raise CheckpointError(f"{path}: cannot resume this run from it, it was trained differently "
+                              f"(checkpoint -> this run): " + "; ".join(problems))

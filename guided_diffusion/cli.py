@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import errno
 import os
 import sys
 from pathlib import Path
@@ -29,6 +30,22 @@ logger = logging.getLogger("fastcwdm")
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 130
 
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what a shell reports for a process ended by SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, Slurm, ``docker stop``), raised where the program is, like Ctrl-C's
+    KeyboardInterrupt: temporary files are removed on the way out and batch commands report what
+    they finished before exiting with :data:`EXIT_TERMINATED`."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
+
+
+def interrupt_exit_code(err: KeyboardInterrupt) -> int:
+    """143 for SIGTERM, 130 for SIGINT (Ctrl-C)."""
+    return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
 
 class ArgumentParser(argparse.ArgumentParser):
     """The parser of every command: ``--verbose``, logging, and renamed flags that keep working.
@@ -131,7 +148,74 @@ def check_model_target(loaded, target: str, source: str) -> None:
 
 
 def default_device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """``--device`` (default cuda when available); a CUDA device that is not there is refused now,
+    before any work, with one line (ValueError)."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise ValueError(f"--device {name}: not a device name ({err})") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is not None and device.index >= count or not count:
+            raise ValueError(f"--device {name}: CUDA is not available here ({count} CUDA devices visible); "
+                             "use --device cpu")
+    return device
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type of counts where 0 means 'all' (``--max_cases``): a negative value is an error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative (0 means all)")
+    return value
+
+
+def check_fits_model(geometry, loaded, source: str, data_dir: str) -> None:
+    """Refuse (CaseError on ``data_dir``) a dataset grid the model's downsamplings cannot halve."""
+    try:
+        geometry.check_divisible(loaded.model_config.spatial_divisor.bit_length())  # DWT (x2) + UNet levels
+    except ValueError as err:
+        raise CaseError(Path(data_dir), f"the cases do not fit the model {source}: {err}") from None
+
+
+def check_output_dir(out_dir: str | os.PathLike, inputs: list[Path] = (), *, input_dir=None) -> Path:
+    """Make sure results can be written to ``out_dir`` before any work is done, and that no output
+    can land on an input: ``out_dir`` (symbolic links resolved) may not be ``input_dir``, lie inside
+    it or contain it, and no file of ``inputs`` may lie in it. Creates the folder; one-line
+    ValueError (naming the folder and the problem) otherwise."""
+    out = Path(out_dir)
+    resolved = out.resolve()
+    if input_dir is not None:
+        data = Path(input_dir).resolve()
+        if resolved == data or data in resolved.parents or resolved in data.parents:
+            raise ValueError(f"{out}: the output folder overlaps the input dataset {input_dir} "
+                             f"(resolved: {resolved} and {data}); choose an output folder outside it")
+    for path in inputs:
+        if resolved in Path(path).resolve().parents:
+            raise ValueError(f"{out}: holds the input file {path}; choose an output folder without inputs")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # below a regular file, read-only file system, no permission ...
+        raise ValueError(f"{out}: cannot create the output folder ({err.strerror or err})") from None
+    if not os.access(out, os.W_OK | os.X_OK):  # also False on a read-only mount, for root too
+        raise ValueError(f"{out}: cannot write the results there (no write permission or a read-only file system)")
+    return out
+
+
+def case_error(err: BaseException, path: str | os.PathLike) -> CaseError:
+    """Any error of one case as a one-line :class:`CaseError` naming a file: the file an OSError
+    names (e.g. the output, for ENOSPC / EROFS), else ``path``; a ``CaseError`` stays as it is."""
+    if isinstance(err, CaseError):
+        return err
+    if isinstance(err, FileExistsError) and err.filename and Path(err.filename) == Path(path):
+        return CaseError(path, "appeared while this case was processed; refusing to overwrite it (case skipped)")
+    if isinstance(err, OSError):
+        name = errno.errorcode.get(err.errno, "")
+        return CaseError(err.filename or path, f"{err.strerror or err}" + (f" ({name})" if name else ""))
+    return CaseError(path, f"{type(err).__name__}: {err}")
 
 
 def find_cases(data_dir: str, mode: str, check_data: bool):
@@ -182,3 +266,6 @@ def main_guard(main) -> None:
         logger.error("%s", err)
         code = EXIT_FATAL
     sys.exit(code)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # SIGTERM behaves like Ctrl-C
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -518,3 +518,27 @@ def summarize(
         stats["n_nan"] = int(a.size - valid.size)
         result[k] = stats
     return result
+
+
+MISSING_VALUE_NOTE = (
+    "null = no value: a metric undefined for the case (tumour metrics without a tumour in the segmentation or "
+    "without a segmentation, ssim_rest when the tumour fills the volume, brain metrics with an empty brain "
+    "mask) or infinite (PSNR of a synthesis identical to the truth); each summary's n is the number of cases "
+    "its mean, std and median cover, n_nan the number of cases without a value")
+
+
+def strict_json(obj):
+    """``obj`` with every NaN / Inf float (numpy scalars and 1-element tensors included) replaced by
+    None, recursively through dicts, lists and tuples: what ``json.dumps(allow_nan=False)`` accepts
+    (bare ``NaN`` / ``Infinity`` are not JSON). See :data:`MISSING_VALUE_NOTE` for what null means."""
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        obj = obj.item()
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

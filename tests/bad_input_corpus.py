@@ -165,6 +165,63 @@ class Defect:
         return path.format(case=self.case_id()), problem
 
 
+def _uncompressed_under_gz_name(path: Path) -> None:
+    data = gzip.decompress(path.read_bytes())
+    path.write_bytes(data)
+
+
+def _complex_voxels(path: Path) -> None:
+    save_nifti(path, brain_volume(7).astype(np.complex64) + 1j)
+
+
+RGB = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+
+
+def _rgb_voxels(path: Path) -> None:
+    rgb = np.zeros(GEOMETRY.original_shape, dtype=RGB)
+    rgb["R"] = brain_volume(7).astype(np.uint8)
+    save_nifti(path, rgb)
+
+
+def _nan_affine(path: Path) -> None:
+    image = nib.Nifti1Image(brain_volume(7), AFFINE)
+    srow = AFFINE.copy()
+    srow[0, 3] = np.nan
+    image.header.set_sform(srow, code=1)  # set_sform stores the rows as given (no decomposition)
+    image.header.set_qform(None, code=0)
+    image.update_header = lambda: None  # nib.save must keep the NaN sform instead of recomputing it
+    nib.save(image, path)
+
+
+HUGE_CLAIM = (1200, 1200, 1200)  # float32: 6.9 GB of voxels
+
+
+def _header_claims_huge(path: Path) -> None:
+    """A ~100-byte gzip file: a bare NIfTI header claiming ``HUGE_CLAIM`` float32 voxels, no data."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(HUGE_CLAIM)
+    header.set_data_dtype(np.float32)
+    header.set_sform(AFFINE, code=1)
+    header["vox_offset"] = 352
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4, mtime=0))
+
+
+BOMB_BYTES = 64 << 20  # the trailing member inflates to 64 MiB from ~64 kB (the bound test uses more)
+
+
+def gzip_bomb(path: Path, size: int = BOMB_BYTES) -> None:
+    """Append a gzip member of ``size`` zero bytes to a valid ``.nii.gz`` (gzip readers concatenate
+    members, so the file inflates to the volume plus ``size`` bytes)."""
+    import zlib
+
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
+    chunk = b"\0" * (1 << 20)
+    with open(path, "ab") as fh:
+        for _ in range(size // len(chunk)):
+            fh.write(comp.compress(chunk))
+        fh.write(comp.flush())
+
+
 def _seg_unknown_labels(path: Path) -> None:
     seg = seg_volume(0)
     seg[seg == 2] = 7
@@ -255,6 +312,18 @@ DEFECTS: list[Defect] = [
     Defect("fifo", "unreadable file: a FIFO (named pipe) instead of a file", _fifo, expect=(T1C, "FIFO")),
     Defect("unreadable_chmod000", "unreadable file: permissions 000", _unreadable,
            expect=(T1C, "cannot read: Permission denied")),
+    Defect("uncompressed_nifti", "an uncompressed NIfTI file under a `.nii.gz` name", _uncompressed_under_gz_name,
+           expect=(T1C, "an uncompressed NIfTI file under a .nii.gz name")),
+    Defect("empty_placeholder", "0-byte placeholder file for a modality", lambda p: p.write_bytes(b""),
+           expect=(T1C, "empty file (0 bytes)")),
+    Defect("complex_voxels", "complex-valued voxels (complex64)", _complex_voxels,
+           expect=(T1C, "unsupported voxel data type complex64")),
+    Defect("rgb_voxels", "RGB voxels", _rgb_voxels, expect=(T1C, "unsupported voxel data type R/G/B (colour)")),
+    Defect("nan_affine", "affine with NaN (sform translation)", _nan_affine, expect=(T1C, "contains NaN or Inf")),
+    Defect("header_claims_huge", "a 100-byte `.nii.gz` whose header claims 1200^3 float32 voxels",
+           _header_claims_huge, expect=(T1C, "larger than the BraTS grid")),
+    Defect("gzip_bomb", "decompression bomb: a valid `.nii.gz` plus a gzip member inflating to 64 MiB", gzip_bomb,
+           expect=(T1C, "decompresses to more than")),
     Defect("seg_unknown_labels", "segmentation with unknown labels (5 and 7)", _seg_unknown_labels, target="seg",
            expect=("{case}/{case}-seg.nii.gz", "segmentation labels [5, 7] outside (0, 1, 2, 3)")),
 ]
@@ -424,6 +493,20 @@ def markdown_table(corpus: dict[str, Path], runs: dict[str, EntryPointRun],
         f"defect is in the `{DEFECT_FILE}` file unless stated; auto-mode cases lack `{AUTO_MISSING}`. Paths are",
         "relative to the dataset folder. Entry points: train.py (reads every voxel up front), sample.py",
         "(synthesis and evaluation), sample_auto.py (auto mode), drop_modality.py.",
+        "",
+        "Memory: every header is checked (shape no larger than BraTS, real scalar voxels, finite affine, a file",
+        "large enough for what it claims) before a voxel is read, and a `.nii.gz` is decompressed streaming and",
+        "never beyond the size its header implies, so a small hostile file cannot allocate more than a valid",
+        "volume needs; checkpoints are compared with their config on the meta device before the model is built",
+        "(tests/test_reliability.py measures peak memory for each). A `(X, Y, Z, 1)` volume is read as 3D.",
+        "",
+        "Outputs: never replaced unless `--overwrite` (published with `os.link`, so a file that appears while a",
+        "case is synthesised is kept and the case reported), never inside the input dataset, created with the",
+        "umask's permissions; SIGTERM is handled like Ctrl-C (temporary file removed, report written, exit 143).",
+        "Per-case errors of any kind (full disk, read-only output, malformed checkpoint metadata ...) are one",
+        "line; run-level ones (no CUDA, unwritable output folder, a grid the model cannot halve, a missing",
+        "`--model_dir`) are one line before any work. A synthesis's header says what it is (description, display",
+        "range 0-1, no intent code); `metrics.json` is strict JSON (null, with the reason, for undefined values).",
         "",
         "| case | entry points | message |",
         "| --- | --- | --- |",

@@ -59,10 +59,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         return cli.fatal(f"{out}: exists; pass --overwrite to replace it")
+    cli.check_output_dir(out.parent)  # before the fitting, not after
     device = cli.default_device(args.device)
     source = resolve_model_source(args.checkpoint)
     loaded = load_model(source, device=device)
     cases, failures, geometry = cli.find_cases(args.data_dir, "train", check_data=False)
+    cli.check_fits_model(geometry, loaded, args.checkpoint, args.data_dir)
     for failure in failures:
         logger.warning("skipping %s", failure)
     held_out = held_out_cases(BratsDataset(cases, geometry), args.target, device, args.max_cases, args.seed)

@@ -7,6 +7,7 @@ Installed:        fast-cwdm-train with the same flags
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from guided_diffusion.fats_training import (FATS_NFE_BUDGETS, fit_and_store_time
 from guided_diffusion.presets import get_preset
 from guided_diffusion.runinfo import run_info
 from guided_diffusion.train_util import LATEST, Trainer, TrainingDiverged, setup_distributed
+from guided_diffusion.runlock import hold_run_lock
 
 logger = logging.getLogger("train")
 
@@ -164,3 +166,4 @@ def main(argv=None) -> int:
 def run() -> None:
     """Console entry point ``fast-cwdm-train`` (and ``python scripts/train.py``)."""
     cli.main_guard(main)
+        lock = hold_run_lock(Path(args.run_dir) / target) if dist.is_main else contextlib.nullcontext()
