@@ -154,7 +154,8 @@ def main(argv=None) -> int:
     targets = list(MODALITIES) if args.target == "all" else [args.target]
     for target in targets:
         try:
-            train_one(args, preset, target, train_cases, val_cases, geometry, dist)
+            with lock:  # one training per run folder (RunLocked, one line, when another one holds it)
+                train_one(args, preset, target, train_cases, val_cases, geometry, dist)
         except TrainingDiverged as err:
             failures.append(f"{target}: {err}")
             logger.error("%s: %s", target, err)
