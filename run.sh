@@ -61,13 +61,13 @@ TXT
 }
 
 while [ $# -gt 0 ]; do
-    case "$1" in
     case "$1" in  # every option below but -h/--help and -- takes a value: refuse a missing one by name
         --mode|--preset|--model|--target|--contr|--data_dir|--nfe|--steps|--gpus|--run_dir|--out_dir|--checkpoint)
             if [ $# -lt 2 ] || [ -z "$2" ] || [ "${2#--}" != "$2" ]; then
                 echo "run.sh: $1 needs a value (see bash run.sh --help)" >&2; exit 2
             fi ;;
     esac
+    case "$1" in
         --mode) MODE="$2"; shift 2 ;;
         --preset) PRESET="$2"; shift 2 ;;
         --model) note_renamed --model --preset; PRESET="$2"; shift 2 ;;

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import errno
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -29,7 +30,6 @@ from .presets import PRESETS
 logger = logging.getLogger("fastcwdm")
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 130
-
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what a shell reports for a process ended by SIGTERM
 
 
@@ -46,6 +46,8 @@ def _raise_terminated(signum, frame):
 def interrupt_exit_code(err: KeyboardInterrupt) -> int:
     """143 for SIGTERM, 130 for SIGINT (Ctrl-C)."""
     return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
+
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """The parser of every command: ``--verbose``, logging, and renamed flags that keep working.
@@ -254,18 +256,17 @@ def env_flag(name: str) -> bool:
 def main_guard(main) -> None:
     """Run ``main()`` and exit with its code; user-facing errors never show a traceback
     (``FASTCWDM_DEBUG=1`` shows it)."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # SIGTERM behaves like Ctrl-C
     try:
         code = main()
-    except KeyboardInterrupt:
-        logger.error("interrupted")
-        code = EXIT_INTERRUPTED
-    except (CaseError, ValueError, FileExistsError, FileNotFoundError, PermissionError, RuntimeError,
-            MissingExtraError) as err:
+    except KeyboardInterrupt as err:
+        logger.error("%s", err if isinstance(err, Terminated) else "interrupted")
+        code = interrupt_exit_code(err)
+    except (CaseError, ValueError, OSError, RuntimeError, MissingExtraError) as err:  # OSError: ENOSPC, EROFS ...
         if env_flag("FASTCWDM_DEBUG"):
             raise
         logger.error("%s", err)
         code = EXIT_FATAL
-    sys.exit(code)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # SIGTERM behaves like Ctrl-C
     finally:
         signal.signal(signal.SIGTERM, previous)
+    sys.exit(code)

@@ -23,8 +23,8 @@ from guided_diffusion.fats_training import (FATS_NFE_BUDGETS, fit_and_store_time
                                             prepare_fats_schedule)
 from guided_diffusion.presets import get_preset
 from guided_diffusion.runinfo import run_info
-from guided_diffusion.train_util import LATEST, Trainer, TrainingDiverged, setup_distributed
 from guided_diffusion.runlock import hold_run_lock
+from guided_diffusion.train_util import LATEST, Trainer, TrainingDiverged, setup_distributed
 
 logger = logging.getLogger("train")
 
@@ -153,6 +153,7 @@ def main(argv=None) -> int:
                 len(val_cases), geometry.network_shape, args.preset)
     targets = list(MODALITIES) if args.target == "all" else [args.target]
     for target in targets:
+        lock = hold_run_lock(Path(args.run_dir) / target) if dist.is_main else contextlib.nullcontext()
         try:
             with lock:  # one training per run folder (RunLocked, one line, when another one holds it)
                 train_one(args, preset, target, train_cases, val_cases, geometry, dist)
@@ -167,4 +168,3 @@ def main(argv=None) -> int:
 def run() -> None:
     """Console entry point ``fast-cwdm-train`` (and ``python scripts/train.py``)."""
     cli.main_guard(main)
-        lock = hold_run_lock(Path(args.run_dir) / target) if dist.is_main else contextlib.nullcontext()
