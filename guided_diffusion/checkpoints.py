@@ -13,6 +13,7 @@ infers the model configuration from the tensor shapes (with cWDM's linear 1000-s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from .factory import build_model, build_schedule
 from .fats import FatsState
 from .fileio import atomic_write, save_json
 from .schedules import NoiseSchedule
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "fast-cwdm/1"
 MAX_SCHEDULE_STEPS = 100_000  # a stored num_train_steps above this is a corrupt or hostile config
@@ -129,7 +132,10 @@ def infer_cwdm_model_config(state: dict[str, torch.Tensor], num_groups: int = CW
         except KeyError:
             continue
         except ValueError as err:  # e.g. widths not divisible by the assumed GroupNorm group count
-            group_problem = group_problem or f"; {err} (cWDM's GroupNorm uses {num_groups} groups)"
+            group_problem = group_problem or (
+                f"; {err} (assumed {num_groups} GroupNorm groups, as in cWDM's published models: state the "
+                "arguments the weights were trained with, num_groups included, in --cwdm_args FILE or a "
+                "<weights>.json beside them)")
             continue
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
@@ -162,6 +168,49 @@ def model_config_from_cwdm_args(args: dict[str, Any]) -> ModelConfig:
     )
 
 
+def read_cwdm_args(path: str | Path) -> dict[str, Any]:
+    """cWDM's training arguments from a JSON file (a dict of its argparse names and values)."""
+    path = Path(path)
+    try:
+        args = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot read cWDM's training arguments ({err})") from None
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of cWDM's training arguments")
+    return args
+
+
+def cwdm_model_config(state: dict[str, torch.Tensor], path: Path,
+                      cwdm_args: dict[str, Any] | None = None) -> tuple[ModelConfig, str]:
+    """The configuration of bare cWDM weights and how it is known (stored as ``config_origin``).
+
+    Stated: ``cwdm_args`` (the ``--cwdm_args`` flag) or ``<weights>.json`` beside the weights,
+    cWDM's training arguments (:func:`model_config_from_cwdm_args`). Otherwise inferred from the
+    shapes (:func:`infer_cwdm_model_config`) with the GroupNorm group count, which the shapes do
+    not hold, assumed to be :data:`CWDM_NUM_GROUPS`; that assumption is logged, never silent.
+    """
+    where = "--cwdm_args"
+    if cwdm_args is None and path.with_suffix(".json").is_file():
+        where = str(path.with_suffix(".json"))
+        cwdm_args = read_cwdm_args(where)
+    if cwdm_args is None:
+        cfg = infer_cwdm_model_config(state)
+        logger.warning("%s: cWDM weights without their training arguments: configuration inferred from the shapes, "
+                       "GroupNorm groups assumed to be %d (cWDM's published models); if they were trained with "
+                       "another count, pass --cwdm_args FILE (or put <weights>.json beside them)", path, cfg.num_groups)
+        return cfg, f"inferred from the weight shapes, num_groups={cfg.num_groups} assumed"
+    for key, supported in (("diffusion_steps", 1000), ("noise_schedule", "linear"), ("predict_xstart", True)):
+        if cwdm_args.get(key, supported) != supported:
+            raise CheckpointError(f"trained with {key}={cwdm_args[key]!r} ({where}); only cWDM's "
+                                  f"{key}={supported!r} is supported")
+    try:
+        cfg = model_config_from_cwdm_args(cwdm_args)
+    except (ConfigError, ValueError, TypeError) as err:
+        raise CheckpointError(f"cWDM training arguments from {where} do not describe a model here ({err})") \
+            from None
+    return cfg, f"stated ({where})"
+
+
 def describe_config_difference(expected: dict, found: dict) -> list[str]:
     """Human-readable differences between two config dicts (``key: expected -> found``)."""
     keys = sorted(set(expected) | set(found))
@@ -189,20 +238,24 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
-               expected_model_config: ModelConfig | None = None) -> LoadedModel:
+               expected_model_config: ModelConfig | None = None,
+               cwdm_args: dict[str, Any] | None = None) -> LoadedModel:
     """Build the model a checkpoint describes and load its weights (EMA when present).
 
-    Accepts Fast-cWDM checkpoints (.pt or .safetensors) and cWDM's bare state dicts. With
-    ``expected_model_config``, refuses a checkpoint whose config differs and says what differs.
+    Accepts Fast-cWDM checkpoints (.pt or .safetensors) and cWDM's bare state dicts (their
+    configuration from ``cwdm_args``, cWDM's training arguments, else as :func:`cwdm_model_config`
+    says). With ``expected_model_config``, refuses a checkpoint whose config differs and says what
+    differs.
     """
     path = Path(path)
     data = read_checkpoint(path)
     if is_bare_state_dict(data):
         try:
-            model_cfg = infer_cwdm_model_config(data)
+            model_cfg, config_origin = cwdm_model_config(data, path, cwdm_args)
         except CheckpointError as err:
             raise CheckpointError(f"{path}: {err}") from None
-        diff_cfg, weights, step, extra, schedule = DiffusionConfig(), data, 0, {"origin": "cwdm"}, None
+        diff_cfg, weights, step, schedule = DiffusionConfig(), data, 0, None
+        extra = {"origin": "cwdm", "config_origin": config_origin}
         target = None
     elif data.get("format") == FORMAT:
         try:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .bratsloader import CaseError, common_geometry, discover_cases
-from .checkpoints import CheckpointError
+from .checkpoints import CheckpointError, read_cwdm_args
 from .config import SampleConfig
 from .constants import MODALITIES, PRECISIONS, SAMPLERS
 from .extras import MissingExtraError
@@ -123,6 +123,26 @@ def add_sampling_arguments(parser: ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed; each case's noise depends on (seed, case id) only")
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="bf16 = autocast the network")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--keep_background", action="store_true",
+                   help="write the synthesis as sampled; by default it is zeroed outside the head (where every "
+                        "conditioning modality is 0), as skull-stripped BraTS volumes are")
+    p.add_argument("--cwdm_args", type=_cwdm_args_file, default=None, metavar="JSON",
+                   help="cWDM weights only: a JSON file of the arguments cWDM trained them with (num_channels, "
+                        "channel_mult, num_res_blocks, num_groups ...; default: <weights>.json beside the weights, "
+                        "else inferred from the shapes with 32 GroupNorm groups assumed)")
+
+
+def background_note(keep_background: bool) -> str:
+    """How the written synthesis treats the background (recorded with the results)."""
+    return ("raw: as sampled (--keep_background)" if keep_background else
+            "zeroed outside the head (where every conditioning modality is 0; conditioning.zero_outside_head)")
+
+
+def _cwdm_args_file(path: str) -> dict:
+    try:
+        return read_cwdm_args(path)
+    except CheckpointError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def override(cfg, **changes):
@@ -137,8 +157,16 @@ def sample_config_from_args(args: argparse.Namespace, checkpoint_default: Sample
                     precision=args.precision, clip_denoised=False if args.no_clip else None)
 
 
+CWDM_SAMPLE = SampleConfig(sampler="ddpm", nfe=0)  # cWDM's sample.py: DDPM over all 1000 steps, fixed-large variance
+
+
 def checkpoint_sample_defaults(loaded) -> SampleConfig:
-    """The sampling settings stored with the model by its preset (SampleConfig defaults otherwise)."""
+    """The sampling settings stored with the model by its preset; for cWDM's bare weights, what
+    cWDM published them with (:data:`CWDM_SAMPLE`, logged); SampleConfig defaults otherwise."""
+    if loaded.extra.get("origin") == "cwdm" and "sample" not in loaded.extra:
+        logger.info("%s: cWDM weights: sampling as cWDM does by default (DDPM, all %d steps, fixed-large "
+                    "variance); --sampler ddim --nfe K samples faster", loaded.source, loaded.schedule.num_steps)
+        return CWDM_SAMPLE
     return SampleConfig.from_dict(loaded.extra.get("sample", {}))
 
 

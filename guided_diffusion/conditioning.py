@@ -11,7 +11,7 @@ import torch
 
 from .constants import MODALITIES
 
-__all__ = ["MODALITIES", "cond_modalities", "modality_index", "split_case"]
+__all__ = ["MODALITIES", "cond_modalities", "head_mask", "modality_index", "split_case", "zero_outside_head"]
 
 
 def modality_index(modality: str) -> int:
@@ -52,3 +52,36 @@ def split_case(volumes: torch.Tensor, target: str) -> tuple[torch.Tensor, torch.
     index = modality_index(target)
     cond_index = [modality_index(m) for m in cond_modalities(target)]
     return volumes[:, index : index + 1], volumes[:, cond_index]
+
+
+def head_mask(volumes: torch.Tensor, target: str) -> torch.Tensor:
+    """The head as the conditioning volumes define it: voxels where any conditioning modality of
+    ``target`` is above zero (skull-stripped BraTS volumes are exactly 0 outside the head, and
+    intensity normalisation keeps them there).
+
+    Args:
+        volumes: (B, 4, *spatial) cases, ``MODALITIES`` order (the target channel is ignored).
+    Returns:
+        (B, *spatial) bool.
+    """
+    _, cond = split_case(volumes, target)
+    return (cond > 0).any(dim=1)
+
+
+def zero_outside_head(synthesis: torch.Tensor, volumes: torch.Tensor, target: str) -> torch.Tensor:
+    """A copy of ``synthesis`` set to 0 outside :func:`head_mask` (the input is not modified).
+
+    cWDM zeroes the synthesis where its first conditioning modality is 0 (``sample.py``) or where
+    the synthesis is below 0.04 (``sample_auto.py``); this is the one rule of both commands here.
+
+    Args:
+        synthesis: (B, *spatial) synthesised target volumes.
+        volumes: (B, 4, *spatial) the cases they were synthesised from.
+    Returns:
+        (B, *spatial), the dtype and device of ``synthesis``.
+    """
+    mask = head_mask(volumes, target).to(synthesis.device)
+    if mask.shape != synthesis.shape:
+        raise ValueError(f"conditioning.py: zero_outside_head: synthesis {tuple(synthesis.shape)} does not match "
+                         f"the cases' head mask {tuple(mask.shape)}")
+    return torch.where(mask, synthesis, torch.zeros((), dtype=synthesis.dtype, device=synthesis.device))

@@ -3,6 +3,7 @@ and cWDM's bare UNet state dicts (config inferred from the shapes) through sampl
 sample_auto.py. Nothing here touches the network (HF_HUB_OFFLINE=1)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -98,6 +99,11 @@ def test_sample_auto_uses_hub_models_from_the_cache_offline(published, tiny_demo
         assert np.isfinite(out.get_fdata()).all()
     report = json.loads((out_dir / "completion_report.json").read_text())
     assert report["models"] == sources and {r["nfe"] for r in report["completed"]} == {2}
+    provenance = report["model_provenance"]  # which weights, at which hub commit, sampled how
+    assert {m: p["hub_commit"] for m, p in provenance.items()} == {"t1n": COMMIT, "t1c": COMMIT}
+    assert provenance["t1n"]["format"] == "cwdm" and "assumed" in provenance["t1n"]["config_origin"]
+    assert provenance["t1n"]["sample_config"]["sampler"] == "ddpm" and provenance["t1c"]["step"] == 7
+    assert provenance["t1n"]["sha256"] == hashlib.sha256(published.cwdm.read_bytes()).hexdigest()
     assert digest(published.cache) == cache_before and digest(data_dir) == data_before
 
 
@@ -150,11 +156,8 @@ def test_sample_auto_command_line_reports_an_uncached_repo_without_traceback(pub
     assert not (tmp_path / "out").exists()
 
 
-def test_published_cwdm_layout_loads_into_the_full_configuration(tmp_path):
-    golden = Path(os.environ.get("FASTCWDM_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden" / "cwdm"))
-    shapes_file = golden / "full_model_state_dict_shapes.json"
-    if not shapes_file.is_file():
-        pytest.skip(f"{shapes_file} not found (set FASTCWDM_GOLDEN_DIR): cannot check cWDM's published layout")
+def test_published_cwdm_layout_loads_into_the_full_configuration(golden_dir, tmp_path):
+    shapes_file = golden_dir / "full_model_state_dict_shapes.json"  # shipped in tests/golden/cwdm
     shapes = json.loads(shapes_file.read_text())
     path = tmp_path / "cwdm_full.pt"
     torch.save({name: torch.zeros(shape) for name, shape in shapes.items()}, path)

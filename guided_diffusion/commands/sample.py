@@ -22,11 +22,12 @@ from tqdm import tqdm
 from guided_diffusion import cli
 from guided_diffusion.bratsloader import CaseError, expected_path, load_case, save_volume, to_original_grid
 from guided_diffusion.checkpoints import load_model, resolve_model_source
-from guided_diffusion.conditioning import cond_modalities, modality_index
+from guided_diffusion.conditioning import cond_modalities, modality_index, zero_outside_head
 from guided_diffusion.extras import MissingExtraError
 from guided_diffusion.figures import slice_figure
 from guided_diffusion.fileio import atomic_write, save_json
 from guided_diffusion.metrics import METRIC_KEYS, evaluate_case, summarize
+from guided_diffusion.provenance import model_provenance
 from guided_diffusion.runinfo import run_info
 from guided_diffusion.synthesis import synthesize
 from guided_diffusion.timesteps import plan_timesteps
@@ -86,7 +87,8 @@ def write_figure(path: Path, case_id: str, volumes, pred, target: str, nfe: int)
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = cli.default_device(args.device)
-    loaded = load_model(resolve_model_source(args.checkpoint, args.hf_cache), device=device)
+    model_path = resolve_model_source(args.checkpoint, args.hf_cache)
+    loaded = load_model(model_path, device=device, cwdm_args=args.cwdm_args)
     cli.check_model_target(loaded, args.target, args.checkpoint)
     cfg = cli.sample_config_from_args(args, cli.checkpoint_sample_defaults(loaded))
     timesteps, timesteps_origin = plan_timesteps(loaded.schedule, loaded.fats_state, cfg.nfe)
@@ -114,8 +116,9 @@ def main(argv=None) -> int:
                 raise CaseError(out_path, "output exists; pass --overwrite to replace it")
             data = load_case(case, geometry)
             start = time.perf_counter()
-            pred = synthesize(loaded, torch.from_numpy(data.volumes)[None], args.target, cfg, [case.case_id],
-                              timesteps)[0]
+            volumes = torch.from_numpy(data.volumes)[None]
+            pred = synthesize(loaded, volumes, args.target, cfg, [case.case_id], timesteps)
+            pred = (pred if args.keep_background else zero_outside_head(pred, volumes, args.target))[0]
             seconds = time.perf_counter() - start
             save_volume(out_path, to_original_grid(pred.numpy(), geometry), data.reference, overwrite=args.overwrite)
             gt = data.volumes[target_idx]
@@ -135,7 +138,9 @@ def main(argv=None) -> int:
     meta = {"checkpoint": args.checkpoint, "target_modality": args.target, "sample_config": cfg.to_dict(),
             "timesteps": timesteps, "nfe": len(timesteps), "timesteps_origin": timesteps_origin, "device": str(device),
             "model_config": loaded.model_config.to_dict(), "diffusion_config": loaded.diffusion_config.to_dict(),
-            "metrics_grid": "network grid (cropped/padded), BraSyn normalisation", "run": run_info()}
+            "metrics_grid": "network grid (cropped/padded), BraSyn normalisation",
+            "background": cli.background_note(args.keep_background),
+            "model": model_provenance(loaded, args.checkpoint, model_path, cfg), "run": run_info()}
     save_json(meta, out_dir / "sample_config.json")
     if records:
         summary = write_metrics(out_dir, records, meta)

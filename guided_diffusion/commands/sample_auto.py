@@ -21,8 +21,10 @@ from tqdm import tqdm
 from guided_diffusion import cli
 from guided_diffusion.bratsloader import CaseError, expected_path, load_case, save_volume, to_original_grid
 from guided_diffusion.checkpoints import CheckpointError, load_model, resolve_model_source
+from guided_diffusion.conditioning import zero_outside_head
 from guided_diffusion.fileio import save_json
 from guided_diffusion.constants import MODALITIES
+from guided_diffusion.provenance import model_provenance
 from guided_diffusion.runinfo import run_info
 from guided_diffusion.synthesis import synthesize
 from guided_diffusion.timesteps import plan_timesteps
@@ -84,15 +86,18 @@ def main(argv=None) -> int:
     sources = model_sources(args)
     cases, failures, geometry = cli.find_cases(str(data_dir), "auto", check_data=False)
     needed = sorted({c.missing for c in cases})
-    models, model_errors = {}, {}
+    models, configs, model_errors, provenance = {}, {}, {}, {}
     for mod in needed:
         if mod not in sources:
             model_errors[mod] = f"no model for {mod}: pass --checkpoint {mod}=<checkpoint> or a --model_dir with {mod}/best.pt"
             continue
         try:
-            loaded = load_model(resolve_model_source(sources[mod], args.hf_cache), device=device)
+            path = resolve_model_source(sources[mod], args.hf_cache)
+            loaded = load_model(path, device=device, cwdm_args=args.cwdm_args)
             cli.check_model_target(loaded, mod, sources[mod])
             models[mod] = loaded
+            configs[mod] = cli.sample_config_from_args(args, cli.checkpoint_sample_defaults(loaded))
+            provenance[mod] = model_provenance(loaded, sources[mod], path, configs[mod])
         except CheckpointError as err:
             model_errors[mod] = str(err)
     written = []
@@ -105,10 +110,12 @@ def main(argv=None) -> int:
             if out_path.exists():
                 raise CaseError(out_path, "output exists; refusing to overwrite it")
             loaded = models[target]
-            cfg = cli.sample_config_from_args(args, cli.checkpoint_sample_defaults(loaded))
+            cfg = configs[target]
             timesteps, origin = plan_timesteps(loaded.schedule, loaded.fats_state, cfg.nfe)
             data = load_case(case, geometry)
-            pred = synthesize(loaded, torch.from_numpy(data.volumes)[None], target, cfg, [case.case_id], timesteps)[0]
+            volumes = torch.from_numpy(data.volumes)[None]
+            pred = synthesize(loaded, volumes, target, cfg, [case.case_id], timesteps)
+            pred = (pred if args.keep_background else zero_outside_head(pred, volumes, target))[0]
             save_volume(out_path, to_original_grid(pred.numpy(), geometry), data.reference)
             written.append({"case_id": case.case_id, "missing": target, "output": str(out_path), "nfe": len(timesteps),
                             "timesteps_origin": origin})
@@ -116,7 +123,8 @@ def main(argv=None) -> int:
             failures.append(err)
             logger.error("%s", err)
     if written:
-        save_json({"completed": written, "models": sources, "run": run_info(),
+        save_json({"completed": written, "models": sources, "model_provenance": provenance,
+                   "background": cli.background_note(args.keep_background), "run": run_info(),
                    "failures": [str(f) for f in failures]}, unused_path(out_dir / "completion_report.json"))
     print(f"completed {len(written)} cases into {out_dir}; {len(failures)} failed")
     return cli.report_failures(failures, "cases")

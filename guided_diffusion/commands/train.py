@@ -22,6 +22,7 @@ from guided_diffusion.constants import MODALITIES, PRECISIONS
 from guided_diffusion.fats_training import (FATS_NFE_BUDGETS, fit_and_store_timesteps, held_out_cases,
                                             prepare_fats_schedule)
 from guided_diffusion.presets import get_preset
+from guided_diffusion.provenance import check_resume_data, data_fingerprint
 from guided_diffusion.runinfo import run_info
 from guided_diffusion.runlock import hold_run_lock
 from guided_diffusion.train_util import LATEST, Trainer, TrainingDiverged, setup_distributed
@@ -66,12 +67,16 @@ def train_one(args, preset, target: str, train_cases, val_cases, geometry, dist)
         val_cases=args.val_cases)
     model_cfg = cli.override(preset.model, use_checkpoint=True if args.use_checkpoint else None)
     geometry.check_divisible(model_cfg.spatial_divisor.bit_length())  # DWT (x2) + UNet downsamplings
+    data = {"train": data_fingerprint(train_cases), "val": data_fingerprint(val_cases)}  # which data this run is
+    earlier = Path(train_cfg.run_dir) / LATEST if args.resume == "auto" else args.resume
+    if earlier and Path(earlier).is_file():  # never continue a run on other data (checked before any work)
+        check_resume_data(Path(earlier).parent, data)
     train_set = BratsDataset(train_cases, geometry)
     val_set = BratsDataset(val_cases, geometry) if val_cases else None
     diffusion_cfg, schedule, extra = preset.diffusion, None, {}
     if diffusion_cfg.kind == "fats":
         diffusion_cfg, schedule, extra = prepare_fats_schedule(diffusion_cfg, train_set, target, train_cfg.seed)
-    extra = {**extra, "sample": preset.sample.to_dict()}
+    extra = {**extra, "sample": preset.sample.to_dict(), "data": data}
     trainer = Trainer(model_cfg, diffusion_cfg, train_cfg, train_set, val_set, dist, schedule=schedule, extra=extra)
     run_dir = Path(train_cfg.run_dir)
     resume = args.resume
@@ -88,6 +93,7 @@ def train_one(args, preset, target: str, train_cases, val_cases, geometry, dist)
         save_json({"model": model_cfg.to_dict(), "diffusion": diffusion_cfg.to_dict(), "train": train_cfg.to_dict(),
                    "geometry": {"original_shape": geometry.original_shape, "network_shape": geometry.network_shape},
                    "train_cases": [c.case_id for c in train_cases], "val_cases": [c.case_id for c in val_cases],
+                   "data": data,
                    "run": run_info()}, run_dir / "run_config.json")
     bar = tqdm(total=train_cfg.max_steps, initial=trainer.step, desc=f"train {target}", disable=not dist.is_main,
                dynamic_ncols=True)
