@@ -23,7 +23,7 @@ if [ -n "${STEPS:-}" ]; then note_renamed "STEPS=" "NFE="; NFE="${NFE:-$STEPS}";
 PRESET="${PRESET:-}"
 MODE="${MODE:-}"
 TARGET="${TARGET:-t2f}"
-DATA_DIR="${DATA_DIR:-data/BraTS/training}"
+DATA_DIR="${DATA_DIR:-}"  # empty: found below (data/BraTS/training or cWDM's data/BRATS/training)
 NFE="${NFE:-}"
 GPUS="${GPUS:-}"
 RUN_DIR="${RUN_DIR:-}"
@@ -48,7 +48,8 @@ Usage: bash run.sh [--mode train|sample|auto] [--preset unet|fast|fats|demo] [op
   --target MOD       modality to synthesise: t1n|t1c|t2w|t2f, or all (train one model per
                      modality). Default t2f. (old spelling: --contr)
   --data_dir DIR     BraTS-layout folder (<case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz).
-                     Default data/BraTS/training.
+                     Default: data/BraTS/training, or cWDM's data/BRATS/training when only that
+                     one holds cases (the folder used is printed).
   --nfe K            network evaluations per volume when sampling (0: the checkpoint's default).
                      (old spelling: --steps)
   --gpus N           GPUs for training (torchrun when N > 1). Default: all visible; 0 = CPU.
@@ -91,6 +92,13 @@ source scripts/ensure_env.sh
 has_brats_data() {
     [ -d "$1" ] && find "$1" -mindepth 2 -maxdepth 2 -name '*-t1n.nii.gz' -print -quit 2>/dev/null | grep -q .
 }
+
+if [ -z "$DATA_DIR" ]; then  # this project's layout, then the one cWDM's README documents
+    DATA_DIR=data/BraTS/training
+    for candidate in data/BraTS/training data/BRATS/training; do
+        if has_brats_data "$candidate"; then DATA_DIR=$candidate; echo "[run.sh] data: $DATA_DIR"; break; fi
+    done
+fi
 
 count_gpus() {
     if [ -n "$GPUS" ]; then echo "$GPUS"; return; fi
@@ -151,12 +159,18 @@ do_train() {
         --resume auto "${EXTRA[@]}"
 }
 
+sample_out_dir() {  # sample_out_dir MOD: --out_dir, with one sub-folder per modality for --target all
+    if [ -z "$OUT_DIR" ]; then echo "results/${PRESET}_$1"
+    elif [ "$TARGET" = "all" ]; then echo "$OUT_DIR/$1"
+    else echo "$OUT_DIR"; fi
+}
+
 do_sample() {
     local targets=("$TARGET")
     if [ "$TARGET" = "all" ]; then targets=(t1n t1c t2w t2f); fi
     for t in "${targets[@]}"; do
         "$PYTHON" scripts/sample.py --checkpoint "${CHECKPOINT:-$RUN_DIR/$t/best.pt}" --data_dir "$DATA_DIR" \
-            --target "$t" --out_dir "${OUT_DIR:-results/${PRESET}_$t}" $(nfe_flag) "${EXTRA[@]}"
+            --target "$t" --out_dir "$(sample_out_dir "$t")" $(nfe_flag) "${EXTRA[@]}"
     done
 }
 
