@@ -52,7 +52,8 @@ Usage: bash run.sh [--mode train|sample|auto] [--preset unet|fast|fats|demo] [op
                      one holds cases (the folder used is printed).
   --nfe K            network evaluations per volume when sampling (0: the checkpoint's default).
                      (old spelling: --steps)
-  --gpus N           GPUs for training (torchrun when N > 1). Default: all visible; 0 = CPU.
+  --gpus N           GPUs for training and sampling (torchrun when N > 1: sample/auto split the cases
+                     over the GPUs, one merged report). Default: all visible; 0 = CPU.
   --run_dir DIR      training output (default runs/<preset>); sample/auto read models from here.
   --out_dir DIR      sampling output (default results/<preset>_<target> or <data_dir>_completed).
   --checkpoint P     model for --mode sample (default <run_dir>/<target>/best.pt); a path or hf://org/repo/file.
@@ -116,6 +117,17 @@ launch() {  # launch SCRIPT ARGS...: torchrun across GPUs when there are several
     fi
 }
 
+sample_launch() {  # sample_launch SCRIPT ARGS...: one process per GPU (torchrun) when there are several
+    local n; n=$(count_gpus)
+    if [ "$n" -gt 1 ]; then
+        "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$n" "$@"
+    elif [ "$GPUS" = "0" ]; then
+        "$PYTHON" "$@" --device cpu
+    else
+        "$PYTHON" "$@"
+    fi
+}
+
 nfe_flag() { if [ -n "$NFE" ]; then echo "--nfe $NFE"; fi; }
 
 run_demo() {
@@ -169,7 +181,7 @@ do_sample() {
     local targets=("$TARGET")
     if [ "$TARGET" = "all" ]; then targets=(t1n t1c t2w t2f); fi
     for t in "${targets[@]}"; do
-        "$PYTHON" scripts/sample.py --checkpoint "${CHECKPOINT:-$RUN_DIR/$t/best.pt}" --data_dir "$DATA_DIR" \
+        sample_launch scripts/sample.py --checkpoint "${CHECKPOINT:-$RUN_DIR/$t/best.pt}" --data_dir "$DATA_DIR" \
             --target "$t" --out_dir "$(sample_out_dir "$t")" $(nfe_flag) "${EXTRA[@]}"
     done
 }
@@ -177,7 +189,7 @@ do_sample() {
 do_auto() {
     local out=()
     if [ -n "$OUT_DIR" ]; then out=(--out_dir "$OUT_DIR"); fi
-    "$PYTHON" scripts/sample_auto.py --data_dir "$DATA_DIR" --model_dir "$RUN_DIR" "${out[@]}" $(nfe_flag) "${EXTRA[@]}"
+    sample_launch scripts/sample_auto.py --data_dir "$DATA_DIR" --model_dir "$RUN_DIR" "${out[@]}" $(nfe_flag) "${EXTRA[@]}"
 }
 
 case "${MODE:-train_sample}" in

@@ -89,3 +89,16 @@ def test_auto_mode_and_old_spellings(run_sh):
 def test_bad_flags_exit_2_before_running_anything(run_sh, args, message):
     result, calls = run_sh(*args)
     assert result.returncode == 2 and message in result.stderr and calls == []
+
+
+def test_sampling_splits_over_the_gpus_with_torchrun(run_sh):
+    _, calls = run_sh("--mode", "auto", "--preset", "fast", "--gpus", "3")
+    assert calls == [["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", "scripts/sample_auto.py",
+                      "--data_dir", run_sh.data, "--model_dir", "runs/fast"]]
+    _, calls = run_sh("--mode", "sample", "--preset", "fast", gpus="2")  # --gpus not given: the visible GPUs
+    assert calls[0][:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "scripts/sample.py"]
+    _, calls = run_sh("--mode", "sample", "--preset", "fast", "--gpus", "0", gpus="4")
+    assert calls[0][0] == "scripts/sample.py" and calls[0][-2:] == ["--device", "cpu"]
+    _, calls = run_sh("--mode", "sample", "--preset", "fast", gpus="1")
+    assert calls[0][0] == "scripts/sample.py" and "--device" not in calls[0]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from guided_diffusion import cli
+from guided_diffusion import case_runner, cli
 from guided_diffusion.bratsloader import CaseError, expected_path, load_case, save_volume, to_original_grid
 from guided_diffusion.checkpoints import load_model, resolve_model_source
 from guided_diffusion.conditioning import cond_modalities, modality_index, zero_outside_head
@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", required=True, help="output folder (created; existing outputs are not overwritten)")
     p.add_argument("--max_cases", type=int, default=0, help="only the first N cases (0 = all)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out_dir")
+    p.add_argument("--resume", action="store_true",
+                   help="record each finished case; a re-run skips the cases whose outputs are complete and "
+                        "verified (SHA-256) and writes the results of all of them (start the job with it too)")
     cli.add_sampling_arguments(p)
     return p.parse_args(argv)
 
@@ -86,7 +89,8 @@ def write_figure(path: Path, case_id: str, volumes, pred, target: str, nfe: int)
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = cli.default_device(args.device)
+    ranks = case_runner.ranks_from_env()  # torchrun: each rank samples its share, rank 0 writes the results
+    device = case_runner.rank_device(cli.default_device(args.device), ranks)
     model_path = resolve_model_source(args.checkpoint, args.hf_cache)
     loaded = load_model(model_path, device=device, cwdm_args=args.cwdm_args)
     cli.check_model_target(loaded, args.target, args.checkpoint)
@@ -101,17 +105,28 @@ def main(argv=None) -> int:
         cases = cases[: args.max_cases]
     out_dir = Path(args.out_dir)
     earlier = [name for name in RESULT_FILES if (out_dir / name).exists()]
-    if earlier and not args.overwrite:
+    if earlier and not (args.overwrite or args.resume):
         raise FileExistsError(f"{out_dir} already holds the results of an earlier run ({', '.join(earlier)}); "
                               "pass --overwrite to replace them or choose another --out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     logger.info("synthesising %s for %d cases with %s, %d network evaluations (%s), on %s", args.target, len(cases),
                 cfg.sampler, len(timesteps), timesteps_origin, device)
-    records, figure, figure_wanted = [], None, True
+    order, share = [c.case_id for c in cases], case_runner.split_cases(cases, ranks)
+    failures = failures if ranks.is_main else []  # every rank found the same bad cases: rank 0 reports them
+    journal = case_runner.CaseJournal(out_dir) if args.resume else None
+    settings = case_runner.settings_digest({
+        "model_sha256": case_runner.file_sha256(loaded.source) if journal else None, "target": args.target,
+        "sample_config": cfg.to_dict(), "timesteps": timesteps, "keep_background": args.keep_background})
+    records, figure = [], None
+    figure_wanted = ranks.is_main and not (args.resume and (out_dir / "slice.png").exists())
     target_idx = modality_index(args.target)
-    for case in tqdm(cases, desc=f"sample {args.target}", dynamic_ncols=True):
+    for case in tqdm(share, desc=f"sample {args.target}", dynamic_ncols=True):
         out_path = expected_path(out_dir / case.case_id, args.target)
         try:
+            done = journal.completed(out_path, settings) if journal else None
+            if done is not None:  # finished by an earlier, interrupted run
+                records.append(done)
+                continue
             if out_path.exists() and not args.overwrite:
                 raise CaseError(out_path, "output exists; pass --overwrite to replace it")
             data = load_case(case, geometry)
@@ -128,6 +143,8 @@ def main(argv=None) -> int:
                 raise CaseError(case.files[args.target], f"cannot evaluate the synthesis against it: {err}") from None
             record = {"case_id": case.case_id, "seconds": seconds, **metrics}
             records.append(record)
+            if journal:
+                journal.record(out_path, settings, record)
             if figure_wanted:
                 figure_wanted = False
                 figure = write_figure(out_dir / "slice.png", case.case_id, data.volumes, pred.numpy(), args.target,
@@ -135,6 +152,12 @@ def main(argv=None) -> int:
         except CaseError as err:
             failures.append(err)
             logger.error("%s", err)
+    reports = case_runner.gather_reports(ranks, {"records": records, "failures": [str(f) for f in failures]})
+    if not ranks.is_main:  # rank 0 writes the results and returns the exit code of all ranks
+        case_runner.finish(ranks)
+        return cli.EXIT_OK
+    merged = case_runner.merge_reports(reports, ["records"], order)
+    records, failures = merged["records"], merged["failures"]
     meta = {"checkpoint": args.checkpoint, "target_modality": args.target, "sample_config": cfg.to_dict(),
             "timesteps": timesteps, "nfe": len(timesteps), "timesteps_origin": timesteps_origin, "device": str(device),
             "model_config": loaded.model_config.to_dict(), "diffusion_config": loaded.diffusion_config.to_dict(),
@@ -147,6 +170,7 @@ def main(argv=None) -> int:
         print(format_table(summary))
         print(f"wrote {len(records)} volumes, {out_dir / 'metrics.json'}, {out_dir / 'metrics.csv'}"
               + (f", {figure}" if figure else ""))
+    case_runner.finish(ranks)
     return cli.report_failures(failures, "cases")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from guided_diffusion import cli
+from guided_diffusion import case_runner, cli
 from guided_diffusion.bratsloader import CaseError, expected_path, load_case, save_volume, to_original_grid
 from guided_diffusion.checkpoints import CheckpointError, load_model, resolve_model_source
 from guided_diffusion.conditioning import zero_outside_head
@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default=None, help="output folder (default: <data_dir>_completed)")
     p.add_argument("--in_place", action="store_true", help="write into --data_dir itself (never overwrites a file)")
     p.add_argument("--hf_cache", default=None, help="Hugging Face cache folder (default: the hub's own)")
+    p.add_argument("--resume", action="store_true",
+                   help="record each finished case; a re-run skips the cases whose outputs are complete and "
+                        "verified (SHA-256) and reports all of them (start the job with it too)")
     cli.add_sampling_arguments(p)
     return p.parse_args(argv)
 
@@ -82,7 +85,8 @@ def main(argv=None) -> int:
         return cli.fatal("--in_place and --out_dir are exclusive")
     data_dir = Path(args.data_dir)
     out_dir = data_dir if args.in_place else Path(args.out_dir or f"{data_dir.resolve()}_completed")  # '.' too
-    device = cli.default_device(args.device)
+    ranks = case_runner.ranks_from_env()  # torchrun: each rank completes its share, rank 0 writes the report
+    device = case_runner.rank_device(cli.default_device(args.device), ranks)
     sources = model_sources(args)
     cases, failures, geometry = cli.find_cases(str(data_dir), "auto", check_data=False)
     needed = sorted({c.missing for c in cases})
@@ -100,13 +104,25 @@ def main(argv=None) -> int:
             provenance[mod] = model_provenance(loaded, sources[mod], path, configs[mod])
         except CheckpointError as err:
             model_errors[mod] = str(err)
+    order, share = [c.case_id for c in cases], case_runner.split_cases(cases, ranks)
+    failures = failures if ranks.is_main else []  # every rank found the same bad cases: rank 0 reports them
+    journal = case_runner.CaseJournal(out_dir) if args.resume else None
+    settings = {mod: case_runner.settings_digest({
+        "model_sha256": case_runner.file_sha256(models[mod].source) if journal else None, "target": mod,
+        "sample_config": configs[mod].to_dict(),
+        "timesteps": plan_timesteps(models[mod].schedule, models[mod].fats_state, configs[mod].nfe)[0],
+        "keep_background": args.keep_background}) for mod in models}
     written = []
-    for case in tqdm(cases, desc="complete", dynamic_ncols=True):
+    for case in tqdm(share, desc="complete", dynamic_ncols=True):
         target = case.missing
         out_path = expected_path(out_dir / case.case_id, target)
         try:
             if target in model_errors:
                 raise CaseError(case.folder, model_errors[target])
+            done = journal.completed(out_path, settings[target]) if journal else None
+            if done is not None:  # finished by an earlier, interrupted run
+                written.append(done)
+                continue
             if out_path.exists():
                 raise CaseError(out_path, "output exists; refusing to overwrite it")
             loaded = models[target]
@@ -119,14 +135,23 @@ def main(argv=None) -> int:
             save_volume(out_path, to_original_grid(pred.numpy(), geometry), data.reference)
             written.append({"case_id": case.case_id, "missing": target, "output": str(out_path), "nfe": len(timesteps),
                             "timesteps_origin": origin})
+            if journal:
+                journal.record(out_path, settings[target], written[-1])
         except CaseError as err:
             failures.append(err)
             logger.error("%s", err)
+    reports = case_runner.gather_reports(ranks, {"completed": written, "failures": [str(f) for f in failures]})
+    if not ranks.is_main:  # rank 0 writes the report and returns the exit code of all ranks
+        case_runner.finish(ranks)
+        return cli.EXIT_OK
+    merged = case_runner.merge_reports(reports, ["completed"], order)
+    written, failures = merged["completed"], merged["failures"]
     if written:
         save_json({"completed": written, "models": sources, "model_provenance": provenance,
                    "background": cli.background_note(args.keep_background), "run": run_info(),
                    "failures": [str(f) for f in failures]}, unused_path(out_dir / "completion_report.json"))
     print(f"completed {len(written)} cases into {out_dir}; {len(failures)} failed")
+    case_runner.finish(ranks)
     return cli.report_failures(failures, "cases")
 
 
