@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from DWT_IDWT import BAND_NAMES, from_subbands, to_subbands
 
-from .checkpoints import check_resume, load_model, read_checkpoint, save_checkpoint
+from .checkpoints import check_resume, load_model, read_checkpoint, resolve_model_source, save_checkpoint
 from .conditioning import split_case
 from .config import DiffusionConfig, ModelConfig, TrainConfig
 from .diffusion import training_losses
@@ -152,7 +152,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _init_weights(self, path: str) -> None:
-        loaded = load_model(path, expected_model_config=self.model_cfg)
+        """Initial weights from a checkpoint: a local path or ``hf://`` source, as for sampling."""
+        loaded = load_model(resolve_model_source(path), expected_model_config=self.model_cfg)
         self.model.load_state_dict(loaded.model.state_dict())
         self.ema.load_state_dict(loaded.model.state_dict())
         self.extra["init_from"] = {"path": path, "step": loaded.step}

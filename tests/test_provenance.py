@@ -107,3 +107,21 @@ def test_sample_records_the_checkpoint_it_used(datasets, tiny_demo_dir, tmp_path
     assert model["step"] == 1 and model["format"] == "fast-cwdm" and model["sample_config"]["nfe"] == 1
     trained_on = data_fingerprint(cases_of(datasets.source))
     assert model["trained_on"]["train"] == {"n_cases": trained_on["n_cases"], "digest": trained_on["digest"]}
+
+
+def test_train_init_from_accepts_a_hub_source(datasets, tmp_path, monkeypatch):
+    """Issue 14, point 6: every model source works everywhere (train --init_from hf://...)."""
+    import huggingface_hub.constants
+
+    from fixtures_data import populate_hf_cache
+    from guided_diffusion.checkpoints import read_checkpoint
+
+    assert train(datasets.source, tmp_path / "a", 1) == EXIT_OK
+    cache, source = tmp_path / "hf_cache", "hf://org/models/t2f/latest.pt@v1"
+    populate_hf_cache(cache, "org/models", {"t2f/latest.pt": tmp_path / "a" / "t2f" / "latest.pt"}, "c0ffee" * 6 + "0123",
+                      refs=("v1",))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert train(datasets.source, tmp_path / "b", 1, "--init_from", source) == EXIT_OK
+    assert read_checkpoint(tmp_path / "b" / "t2f" / "latest.pt")["extra"]["init_from"] == {"path": source, "step": 1}

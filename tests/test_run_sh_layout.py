@@ -1,0 +1,81 @@
+"""Issue 14, points 3 and 7: run.sh finds the data where cWDM's README puts it (data/BRATS/training
+as well as data/BraTS/training) and says which folder it uses; ``--target all`` with ``--out_dir``
+samples each modality into its own sub-folder. run.sh runs from a copy of the repository's shell
+files with a stub interpreter that records its arguments (nothing is written into the repository)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import REPO_ROOT
+from test_run_sh import RUN_SH_VARIABLES, SEP, STUB
+
+
+@pytest.fixture
+def run_copy(tmp_path):
+    """``run(*args, data=<folder under the copy>)`` -> (result, calls)."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "run.sh", root / "run.sh")
+    shutil.copy(REPO_ROOT / "scripts" / "ensure_env.sh", root / "scripts" / "ensure_env.sh")
+    stub, log = tmp_path / "python", tmp_path / "calls.log"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+
+    def add_case(folder: str) -> None:
+        case = root / folder / "case1"
+        case.mkdir(parents=True)
+        (case / "case1-t1n.nii.gz").write_bytes(b"")  # run.sh only looks for the names
+
+    def run(*args: str):
+        env = {k: v for k, v in os.environ.items() if k not in RUN_SH_VARIABLES}
+        env.update(PYTHON=str(stub), STUB_LOG=str(log))
+        log.unlink(missing_ok=True)
+        result = subprocess.run(["bash", str(root / "run.sh"), *args], env=env, capture_output=True, text=True,
+                                timeout=60)
+        calls = [line.split(SEP) for line in log.read_text().splitlines()] if log.exists() else []
+        return result, calls
+
+    run.add_case = add_case
+    return run
+
+
+def data_dirs(calls):
+    return [c[c.index("--data_dir") + 1] for c in calls if "--data_dir" in c]
+
+
+@pytest.mark.parametrize("folder", ["data/BraTS/training", "data/BRATS/training"])
+def test_either_seed_layout_is_found_and_named(run_copy, folder):
+    run_copy.add_case(folder)
+    result, calls = run_copy("--mode", "train", "--preset", "unet", "--gpus", "0")
+    assert result.returncode == 0, result.stderr
+    assert data_dirs(calls) == [folder] and f"[run.sh] data: {folder}" in result.stdout
+
+
+def test_this_projects_layout_wins_when_both_hold_cases(run_copy):
+    run_copy.add_case("data/BRATS/training")
+    run_copy.add_case("data/BraTS/training")
+    result, calls = run_copy("--mode", "train", "--preset", "unet", "--gpus", "0")
+    assert result.returncode == 0 and data_dirs(calls) == ["data/BraTS/training"]
+
+
+def test_without_data_the_demo_runs_and_says_where_it_looked(run_copy):
+    result, calls = run_copy()
+    assert result.returncode == 0, result.stderr
+    assert "no BraTS data under 'data/BraTS/training'" in result.stdout
+    assert calls and calls[0][0] == "scripts/make_demo_data.py"
+
+
+def test_target_all_samples_each_modality_into_its_own_folder(run_copy):
+    run_copy.add_case("data/BraTS/training")
+    result, calls = run_copy("--mode", "sample", "--preset", "unet", "--target", "all", "--out_dir", "out",
+                             "--gpus", "0")
+    assert result.returncode == 0, result.stderr
+    outs = [c[c.index("--out_dir") + 1] for c in calls]
+    assert outs == ["out/t1n", "out/t1c", "out/t2w", "out/t2f"]
+    result, calls = run_copy("--mode", "sample", "--preset", "unet", "--target", "t2f", "--out_dir", "out",
+                             "--gpus", "0")
+    assert [c[c.index("--out_dir") + 1] for c in calls] == ["out"]  # one modality: the folder as given
