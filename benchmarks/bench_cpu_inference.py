@@ -1,0 +1,102 @@
+"""Full-size network evaluations on the CPU, variants side by side (issue 15, part 1).
+
+One network evaluation = the cWDM UNet (full configuration) on a (1, 32, 112, 112, 80) input under
+bf16 autocast, as ``synthesize`` runs it with ``--precision bf16``. Variants, interleaved round by
+round so that they see the same machine load (medians reported):
+
+  eager_bf16_fp32_groupnorm  the path before issue 15 (GroupNorm through a float32 copy)
+  eager_bf16                 today's eager path (native bf16 GroupNorm, float32 statistics)
+  compiled_bf16              ``SampleConfig.compile`` (torch.compile, inductor; its compile time is
+                             reported separately as ``first_call_s``)
+
+``max_abs_diff_vs_eager`` compares each output with eager_bf16's (the output layer is drawn at
+random so outputs are not all zero). ``seconds_per_volume_default_budget`` = 4 evaluations (the FATS
+default NFE) + the measured rest of a K = 1 synthesis is not included: the rest is under 2 % on
+the CPU (README "Performance"), so it is 4 x seconds_per_nfe.
+
+Run:  python benchmarks/bench_cpu_inference.py --rounds 2 --threads 2
+Writes benchmarks/results/cpu_inference.json (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import machine  # noqa: E402
+from benchmarks.gpu_suite import fp32_groupnorm, random_network  # noqa: E402
+from guided_diffusion.config import ModelConfig  # noqa: E402
+from guided_diffusion.fileio import save_json  # noqa: E402
+from guided_diffusion.presets import TINY_MODEL  # noqa: E402
+
+RESULT = Path(__file__).resolve().parent / "results" / "cpu_inference.json"
+DEFAULT_NFE = 4
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (each variant once per round)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--quick", action="store_true", help="tiny model and input (a smoke run of the same code)")
+    parser.add_argument("--out", default=str(RESULT), help=f"result JSON (default {RESULT})")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = TINY_MODEL if args.quick else ModelConfig()
+    shape = (1, cfg.in_channels, *((8, 8, 6) if args.quick else (112, 112, 80)))
+    model = random_network(cfg, "cpu")
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500.0])
+
+    def evaluate(net) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return net(x, t).float()
+
+    compiled = torch.compile(model)
+    start = time.perf_counter()
+    evaluate(compiled)
+    compile_s = time.perf_counter() - start
+    variants = {
+        "eager_bf16_fp32_groupnorm": (lambda: _with(fp32_groupnorm, lambda: evaluate(model))),
+        "eager_bf16": (lambda: evaluate(model)),
+        "compiled_bf16": (lambda: evaluate(compiled)),
+    }
+    times = {name: [] for name in variants}
+    outputs = {}
+    for _ in range(args.rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            outputs[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["eager_bf16_fp32_groupnorm"])
+    records = []
+    for name in variants:
+        seconds = statistics.median(times[name])
+        rec = {"variant": name, "dtype": "bf16", "seconds_per_nfe": seconds, "times_s": times[name],
+               "speedup_vs_eager_bf16": base / seconds,
+               "max_abs_diff_vs_eager": (outputs[name] - outputs["eager_bf16"]).abs().max().item(),
+               "seconds_per_volume_default_budget": DEFAULT_NFE * seconds}
+        if name == "compiled_bf16":
+            rec["first_call_s"] = compile_s
+        records.append(rec)
+    result = {"command": " ".join(["python", *sys.argv]), "machine": machine(), "input_shape": list(shape),
+              "baseline": "eager_bf16_fp32_groupnorm (the bf16 eager path before issue 15)",
+              "default_nfe": DEFAULT_NFE, "rounds": args.rounds, "records": records}
+    save_json(result, args.out)
+    for rec in records:
+        print(f"{rec['variant']:28s} {rec['seconds_per_nfe']:8.3f} s/NFE  {rec['speedup_vs_eager_bf16']:5.2f}x  "
+              f"max|diff| {rec['max_abs_diff_vs_eager']:.3g}")
+    return 0
+
+
+def _with(context, fn):
+    with context():
+        return fn()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
