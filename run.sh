@@ -54,6 +54,8 @@ Usage: bash run.sh [--mode train|sample|auto] [--preset unet|fast|fats|demo] [op
                      (old spelling: --steps)
   --gpus N           GPUs for training and sampling (torchrun when N > 1: sample/auto split the cases
                      over the GPUs, one merged report). Default: all visible; 0 = CPU.
+  --threads N        CPU threads of every step (exports OMP_NUM_THREADS=N; default: that variable, else
+                     one per core). On a shared machine fewer threads can be several times faster.
   --run_dir DIR      training output (default runs/<preset>); sample/auto read models from here.
   --out_dir DIR      sampling output (default results/<preset>_<target> or <data_dir>_completed).
   --checkpoint P     model for --mode sample (default <run_dir>/<target>/best.pt); a path or hf://org/repo/file.
@@ -79,6 +81,7 @@ while [ $# -gt 0 ]; do
         --nfe) NFE="$2"; shift 2 ;;
         --steps) note_renamed --steps --nfe; NFE="$2"; shift 2 ;;
         --gpus) GPUS="$2"; shift 2 ;;
+        --threads) export OMP_NUM_THREADS="$2"; shift 2 ;;
         --run_dir) RUN_DIR="$2"; shift 2 ;;
         --out_dir) OUT_DIR="$2"; shift 2 ;;
         --checkpoint) CHECKPOINT="$2"; shift 2 ;;

@@ -50,9 +50,10 @@ def interrupt_exit_code(err: KeyboardInterrupt) -> int:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """The parser of every command: ``--verbose``, logging, and renamed flags that keep working.
+    """The parser of every command: ``--verbose``, ``--threads``, logging, and renamed flags that keep working.
 
-    Parsing also sets up logging (INFO, or DEBUG with ``--verbose``). ``add_renamed_flag("--contr",
+    Parsing also sets up logging (INFO, or DEBUG with ``--verbose``) and torch's CPU thread count
+    (``--threads N``: ``torch.set_num_threads(N)``). ``add_renamed_flag("--contr",
     "--target")`` makes ``--contr X`` (and ``--contr=X``) mean ``--target X`` and print a
     deprecation note on stderr; ``--help`` shows the new name, its help text mentions the old one.
     The description is shown as written.
@@ -63,6 +64,9 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.renamed_flags: dict[str, str] = {}
         self.add_argument("--verbose", action="store_true", help="debug logging")
+        self.add_argument("--threads", type=int, default=None, metavar="N",
+                          help="CPU threads of torch (default: $OMP_NUM_THREADS, else one per core); on a shared "
+                               "machine fewer threads than cores can be several times faster")
 
     def add_renamed_flag(self, old: str, new: str) -> None:
         """Accept ``old`` as a deprecated spelling of the already-added option ``new``."""
@@ -74,6 +78,10 @@ class ArgumentParser(argparse.ArgumentParser):
         args = sys.argv[1:] if args is None else list(args)
         namespace, extras = super().parse_known_args(self._new_spellings(args), namespace)
         setup_logging(namespace.verbose)
+        if namespace.threads is not None:
+            if namespace.threads < 1:
+                self.error(f"--threads must be at least 1, got {namespace.threads}")
+            torch.set_num_threads(namespace.threads)
         return namespace, extras
 
     def _new_spellings(self, args: list) -> list:
