@@ -8,6 +8,8 @@ round so that they see the same machine load (medians reported):
   eager_bf16                 today's eager path (native bf16 GroupNorm, float32 statistics)
   compiled_bf16              ``SampleConfig.compile`` (torch.compile, inductor; its compile time is
                              reported separately as ``first_call_s``)
+  channels_last_bf16         weights and input in ``torch.channels_last_3d`` (oneDNN's preferred
+                             NDHWC layout; not wired into the library unless it wins)
 
 ``max_abs_diff_vs_eager`` compares each output with eager_bf16's (the output layer is drawn at
 random so outputs are not all zero). ``seconds_per_volume_default_budget`` = 4 evaluations (the FATS
@@ -20,6 +22,7 @@ Writes benchmarks/results/cpu_inference.json (or --out).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -52,10 +55,12 @@ def main(argv=None) -> int:
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500.0])
 
-    def evaluate(net) -> torch.Tensor:
+    def evaluate(net, inp=x) -> torch.Tensor:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            return net(x, t).float()
+            return net(inp, t).float()
 
+    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)
+    x_channels_last = x.to(memory_format=torch.channels_last_3d)
     compiled = torch.compile(model)
     start = time.perf_counter()
     evaluate(compiled)
@@ -64,6 +69,7 @@ def main(argv=None) -> int:
         "eager_bf16_fp32_groupnorm": (lambda: _with(fp32_groupnorm, lambda: evaluate(model))),
         "eager_bf16": (lambda: evaluate(model)),
         "compiled_bf16": (lambda: evaluate(compiled)),
+        "channels_last_bf16": (lambda: evaluate(channels_last, x_channels_last)),
     }
     times = {name: [] for name in variants}
     outputs = {}
