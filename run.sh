@@ -32,6 +32,8 @@ CHECKPOINT="${CHECKPOINT:-}"
 DEMO_DIR="${DEMO_DIR:-demo_data}"
 DEMO_STEPS="${DEMO_STEPS:-}"
 EXTRA=()
+SAMPLE_FLAGS=()
+VAL_DIR="${VAL_DIR:-}"
 
 usage() {
     cat <<'TXT'
@@ -59,8 +61,13 @@ Usage: bash run.sh [--mode train|sample|auto] [--preset unet|fast|fats|demo] [op
   --run_dir DIR      training output (default runs/<preset>); sample/auto read models from here.
   --out_dir DIR      sampling output (default results/<preset>_<target> or <data_dir>_completed).
   --checkpoint P     model for --mode sample (default <run_dir>/<target>/best.pt); a path or hf://org/repo/file.
+  --val_dir DIR      validation cases (all four modalities) for training; the default mode then scores
+                     the model on them. Without it, training holds out a few cases of --data_dir and
+                     the default mode scores the model on those (never on its training cases).
+  --sample_flags "F" flags for the sampling step (e.g. "--sampler ddim --nfe 10"), in every mode.
   -h, --help         this text.
-Anything after -- is passed to the Python script unchanged (see python scripts/<script>.py --help).
+Anything after -- is passed to the Python script of the mode unchanged (train.py in the default
+mode; see python scripts/<script>.py --help).
 TXT
 }
 
@@ -82,6 +89,8 @@ while [ $# -gt 0 ]; do
         --steps) note_renamed --steps --nfe; NFE="$2"; shift 2 ;;
         --gpus) GPUS="$2"; shift 2 ;;
         --threads) export OMP_NUM_THREADS="$2"; shift 2 ;;
+        --val_dir) VAL_DIR="$2"; shift 2 ;;
+        --sample_flags) read -r -a SAMPLE_FLAGS <<< "$2"; shift 2 ;;
         --run_dir) RUN_DIR="$2"; shift 2 ;;
         --out_dir) OUT_DIR="$2"; shift 2 ;;
         --checkpoint) CHECKPOINT="$2"; shift 2 ;;
@@ -170,8 +179,10 @@ fi
 
 do_train() {
     has_brats_data "$DATA_DIR" || { echo "run.sh: no BraTS cases under '$DATA_DIR'" >&2; exit 2; }
+    local val=()
+    if [ -n "$VAL_DIR" ]; then val=(--val_dir "$VAL_DIR"); fi
     launch scripts/train.py --preset "$PRESET" --data_dir "$DATA_DIR" --target "$TARGET" --run_dir "$RUN_DIR" \
-        --resume auto "${EXTRA[@]}"
+        --resume auto "${val[@]}" "${EXTRA[@]}"
 }
 
 sample_out_dir() {  # sample_out_dir MOD: --out_dir, with one sub-folder per modality for --target all
@@ -180,25 +191,36 @@ sample_out_dir() {  # sample_out_dir MOD: --out_dir, with one sub-folder per mod
     else echo "$OUT_DIR"; fi
 }
 
-do_sample() {
+do_sample() {  # do_sample [after_training]: after training, score on held-out cases only, with --sample_flags
     local targets=("$TARGET")
     if [ "$TARGET" = "all" ]; then targets=(t1n t1c t2w t2f); fi
     for t in "${targets[@]}"; do
-        sample_launch scripts/sample.py --checkpoint "${CHECKPOINT:-$RUN_DIR/$t/best.pt}" --data_dir "$DATA_DIR" \
-            --target "$t" --out_dir "$(sample_out_dir "$t")" $(nfe_flag) "${EXTRA[@]}"
+        local data=(--data_dir "$DATA_DIR") flags=("${EXTRA[@]}")
+        if [ "${1:-}" = after_training ]; then
+            flags=()
+            if [ -n "$VAL_DIR" ]; then
+                data=(--data_dir "$VAL_DIR"); echo "[run.sh] scoring $t on the validation folder $VAL_DIR"
+            else
+                data+=(--held_out_of "$RUN_DIR/$t/run_config.json")
+                echo "[run.sh] scoring $t on the cases training held out of $DATA_DIR ($RUN_DIR/$t/run_config.json)"
+            fi
+        fi
+        sample_launch scripts/sample.py --checkpoint "${CHECKPOINT:-$RUN_DIR/$t/best.pt}" "${data[@]}" \
+            --target "$t" --out_dir "$(sample_out_dir "$t")" $(nfe_flag) "${flags[@]}" "${SAMPLE_FLAGS[@]}"
     done
 }
 
 do_auto() {
     local out=()
     if [ -n "$OUT_DIR" ]; then out=(--out_dir "$OUT_DIR"); fi
-    sample_launch scripts/sample_auto.py --data_dir "$DATA_DIR" --model_dir "$RUN_DIR" "${out[@]}" $(nfe_flag) "${EXTRA[@]}"
+    sample_launch scripts/sample_auto.py --data_dir "$DATA_DIR" --model_dir "$RUN_DIR" "${out[@]}" $(nfe_flag) \
+        "${EXTRA[@]}" "${SAMPLE_FLAGS[@]}"
 }
 
 case "${MODE:-train_sample}" in
     train) do_train ;;
     sample) do_sample ;;
     auto) do_auto ;;
-    train_sample) do_train; do_sample ;;
+    train_sample) do_train; do_sample after_training ;;
     *) echo "run.sh: unknown mode '$MODE' (train, sample or auto)" >&2; exit 2 ;;
 esac

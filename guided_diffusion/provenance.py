@@ -111,6 +111,22 @@ def check_resume_data(run_dir: str | Path, data: dict[str, dict]) -> None:
               f"or move {run_dir} away; to continue this one, pass the data it was trained on.")
 
 
+def held_out_case_ids(run_config: str | Path) -> list[str]:
+    """The validation cases a training run held out (``run_config.json``'s ``val_cases``), for
+    scoring a model on cases it was not trained on. RunMismatch when there are none."""
+    path = Path(run_config)
+    if path.is_dir():
+        path = path / RUN_CONFIG
+    try:
+        ids = json.loads(path.read_text()).get("val_cases") or []
+    except (OSError, ValueError) as err:
+        raise RunMismatch(f"{path}: cannot read the run's held-out cases ({err})") from None
+    if not ids:
+        raise RunMismatch(f"{path}: the run held out no validation cases (trained with --val_cases 0?); "
+                          "score the model on a separate folder (--data_dir) instead of its training data")
+    return list(ids)
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     """SHA-256 of a whole file (the content hash of a checkpoint)."""
     h = hashlib.sha256()

@@ -125,3 +125,25 @@ def test_train_init_from_accepts_a_hub_source(datasets, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     assert train(datasets.source, tmp_path / "b", 1, "--init_from", source) == EXIT_OK
     assert read_checkpoint(tmp_path / "b" / "t2f" / "latest.pt")["extra"]["init_from"] == {"path": source, "step": 1}
+
+
+def test_sample_held_out_of_scores_only_the_cases_training_held_out(datasets, tmp_path, caplog):
+    """Issue 14, point 2: run.sh's train-then-sample scores a model on the cases it did not train on."""
+    run_dir = tmp_path / "runs"
+    assert run_main("train", ["--preset", "tiny", "--data_dir", datasets.source, "--run_dir", run_dir, "--target",
+                              "t2f", "--val_cases", 1, "--val_interval", 1, "--max_steps", 1, "--cpu"]) == EXIT_OK
+    held_out = json.loads((run_dir / "t2f" / "run_config.json").read_text())["val_cases"]
+    assert held_out == [datasets.last]  # the trainer holds out the last case
+    out = tmp_path / "out"
+    assert run_main("sample", ["--checkpoint", run_dir / "t2f" / "latest.pt", "--data_dir", datasets.source,
+                               "--target", "t2f", "--out_dir", out, "--nfe", 1, "--held_out_of",
+                               run_dir / "t2f"]) == EXIT_OK
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [c["case_id"] for c in metrics["cases"]] == held_out and "held out" in metrics["evaluated_on"]
+    assert run_main("train", ["--preset", "tiny", "--data_dir", datasets.source, "--run_dir", tmp_path / "none",
+                              "--target", "t2f", "--val_cases", 0, "--max_steps", 1, "--cpu"]) == EXIT_OK
+    caplog.clear()
+    assert run_main("sample", ["--checkpoint", tmp_path / "none" / "t2f" / "latest.pt", "--data_dir",
+                               datasets.source, "--target", "t2f", "--out_dir", tmp_path / "out2", "--held_out_of",
+                               tmp_path / "none" / "t2f" / "run_config.json"]) == EXIT_FATAL
+    assert "held out no validation cases" in caplog.text

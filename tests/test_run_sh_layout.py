@@ -79,3 +79,34 @@ def test_target_all_samples_each_modality_into_its_own_folder(run_copy):
     result, calls = run_copy("--mode", "sample", "--preset", "unet", "--target", "t2f", "--out_dir", "out",
                              "--gpus", "0")
     assert [c[c.index("--out_dir") + 1] for c in calls] == ["out"]  # one modality: the folder as given
+
+
+def flags_of(call):
+    return {call[i]: call[i + 1] for i in range(1, len(call) - 1) if call[i].startswith("--")}
+
+
+def test_train_then_sample_separates_the_flags_and_scores_held_out_cases(run_copy):
+    """Issue 14, point 2: flags after -- go to training only; --sample_flags to sampling; the model
+    is scored on the cases training held out (or on --val_dir), never on its training cases."""
+    run_copy.add_case("data/BraTS/training")
+    result, calls = run_copy("--preset", "unet", "--gpus", "0", "--run_dir", "r", "--sample_flags",
+                             "--sampler ddim --nfe 10", "--", "--max_steps", "3")
+    assert result.returncode == 0, result.stderr
+    train, sample = calls
+    assert train[0] == "scripts/train.py" and flags_of(train)["--max_steps"] == "3"
+    assert sample[0] == "scripts/sample.py" and "--max_steps" not in sample
+    assert flags_of(sample)["--sampler"] == "ddim" and flags_of(sample)["--nfe"] == "10"
+    assert flags_of(sample)["--held_out_of"] == "r/t2f/run_config.json"
+    assert "held out" in result.stdout
+
+    result, calls = run_copy("--preset", "unet", "--gpus", "0", "--val_dir", "val")
+    train, sample = calls
+    assert flags_of(train)["--val_dir"] == "val" and flags_of(sample)["--data_dir"] == "val"
+    assert "--held_out_of" not in sample
+
+
+def test_sample_mode_passes_the_flags_after_dashes_to_sample(run_copy):
+    run_copy.add_case("data/BraTS/training")
+    result, calls = run_copy("--mode", "sample", "--preset", "unet", "--gpus", "0", "--", "--max_cases", "2")
+    assert result.returncode == 0, result.stderr
+    assert flags_of(calls[0])["--max_cases"] == "2" and "--held_out_of" not in calls[0]

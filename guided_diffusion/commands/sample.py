@@ -27,7 +27,7 @@ from guided_diffusion.extras import MissingExtraError
 from guided_diffusion.figures import slice_figure
 from guided_diffusion.fileio import atomic_write, save_json
 from guided_diffusion.metrics import METRIC_KEYS, evaluate_case, summarize
-from guided_diffusion.provenance import model_provenance
+from guided_diffusion.provenance import held_out_case_ids, model_provenance
 from guided_diffusion.runinfo import run_info
 from guided_diffusion.synthesis import synthesize
 from guided_diffusion.timesteps import plan_timesteps
@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--hf_cache", default=None, help="Hugging Face cache folder for hf:// models (default: the hub's own)")
     p.add_argument("--out_dir", required=True, help="output folder (created; existing outputs are not overwritten)")
     p.add_argument("--max_cases", type=int, default=0, help="only the first N cases (0 = all)")
+    p.add_argument("--held_out_of", default=None, metavar="RUN_CONFIG",
+                   help="only the validation cases a training run held out (its run_config.json, or the folder "
+                        "holding it): score a model on cases it was not trained on")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out_dir")
     p.add_argument("--resume", action="store_true",
                    help="record each finished case; a re-run skips the cases whose outputs are complete and "
@@ -101,8 +104,18 @@ def main(argv=None) -> int:
         geometry.check_divisible(loaded.model_config.spatial_divisor.bit_length())  # DWT (x2) + UNet downsamplings
     except ValueError as err:
         raise CaseError(Path(args.data_dir), f"the cases do not fit the model {args.checkpoint}: {err}") from None
+    evaluated_on = f"every case of {args.data_dir}"
+    if args.held_out_of:
+        held_out = set(held_out_case_ids(args.held_out_of))
+        absent = sorted(held_out - {c.case_id for c in cases})
+        if absent:
+            raise CaseError(Path(args.data_dir), f"{len(absent)} held-out cases of {args.held_out_of} are not here "
+                                                 f"(e.g. {absent[0]})")
+        cases = [c for c in cases if c.case_id in held_out]
+        evaluated_on = f"the {len(cases)} cases held out by the training run ({args.held_out_of})"
     if args.max_cases:
         cases = cases[: args.max_cases]
+    logger.info("scoring on %s", evaluated_on)
     out_dir = Path(args.out_dir)
     earlier = [name for name in RESULT_FILES if (out_dir / name).exists()]
     if earlier and not (args.overwrite or args.resume):
@@ -161,7 +174,7 @@ def main(argv=None) -> int:
     meta = {"checkpoint": args.checkpoint, "target_modality": args.target, "sample_config": cfg.to_dict(),
             "timesteps": timesteps, "nfe": len(timesteps), "timesteps_origin": timesteps_origin, "device": str(device),
             "model_config": loaded.model_config.to_dict(), "diffusion_config": loaded.diffusion_config.to_dict(),
-            "metrics_grid": "network grid (cropped/padded), BraSyn normalisation",
+            "metrics_grid": "network grid (cropped/padded), BraSyn normalisation", "evaluated_on": evaluated_on,
             "background": cli.background_note(args.keep_background),
             "model": model_provenance(loaded, args.checkpoint, model_path, cfg), "run": run_info()}
     save_json(meta, out_dir / "sample_config.json")
