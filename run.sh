@@ -142,15 +142,19 @@ sample_launch() {  # sample_launch SCRIPT ARGS...: one process per GPU (torchrun
 
 nfe_flag() { if [ -n "$NFE" ]; then echo "--nfe $NFE"; fi; }
 
-run_demo() {
-    local start=$SECONDS
-    echo "[run.sh] no BraTS data under '$DATA_DIR': running the embedded demo on the CPU"
-    echo "[run.sh] (put BraTS cases there, or pass --data_dir, to train on real data; see --help)"
+ensure_demo_data() {
     if ! has_brats_data "$DEMO_DIR/training"; then
         "$PYTHON" scripts/make_demo_data.py --out "$DEMO_DIR" --size 0.25 --n_train 16 --n_val 2 --n_pseudo 4 --seed 0
     else
         echo "[run.sh] reusing the demo dataset in $DEMO_DIR"
     fi
+}
+
+run_demo() {
+    local start=$SECONDS
+    echo "[run.sh] no BraTS data under '$DATA_DIR': running the embedded demo on the CPU"
+    echo "[run.sh] (put BraTS cases there, or pass --data_dir, to train on real data; see --help)"
+    ensure_demo_data
     local run_dir="${RUN_DIR:-runs/demo}" out_dir="${OUT_DIR:-results/demo_$TARGET}"
     local max_steps=()
     if [ -n "$DEMO_STEPS" ]; then max_steps=(--max_steps "$DEMO_STEPS"); fi
@@ -172,9 +176,14 @@ fi
 
 PRESET="${PRESET:-unet}"
 RUN_DIR="${RUN_DIR:-runs/$PRESET}"
-if [ "$PRESET" = "demo" ] && ! has_brats_data "$DATA_DIR"; then
-    run_demo
-    exit 0
+if [ "$PRESET" = "demo" ] && ! has_brats_data "$DATA_DIR"; then  # the demo dataset, for the mode asked for
+    case "${MODE:-train_sample}" in
+        train_sample) run_demo; exit 0 ;;
+        train) ensure_demo_data; DATA_DIR="$DEMO_DIR/training" ;;
+        sample) ensure_demo_data; DATA_DIR="$DEMO_DIR/pseudo_validation_gt" ;;
+        auto) ensure_demo_data; DATA_DIR="$DEMO_DIR/pseudo_validation" ;;
+    esac
+    echo "[run.sh] demo preset, no BraTS data: --mode $MODE on the demo dataset $DATA_DIR (models: $RUN_DIR)"
 fi
 
 do_train() {

@@ -110,3 +110,15 @@ def test_sample_mode_passes_the_flags_after_dashes_to_sample(run_copy):
     result, calls = run_copy("--mode", "sample", "--preset", "unet", "--gpus", "0", "--", "--max_cases", "2")
     assert result.returncode == 0, result.stderr
     assert flags_of(calls[0])["--max_cases"] == "2" and "--held_out_of" not in calls[0]
+
+
+@pytest.mark.parametrize("mode, data", [("sample", "demo_data/pseudo_validation_gt"), ("auto", "demo_data/pseudo_validation"),
+                                        ("train", "demo_data/training")])
+def test_demo_preset_does_the_mode_asked_for(run_copy, mode, data):
+    """Issue 14, point 3: --mode sample / auto with the demo preset sample or complete (the demo
+    dataset, the demo run's models) instead of training."""
+    run_copy.add_case("demo_data/training")  # the demo dataset exists (the stub would not make it)
+    result, calls = run_copy("--mode", mode, "--preset", "demo", "--gpus", "0")
+    assert result.returncode == 0, result.stderr
+    assert [c[0] for c in calls] == [f"scripts/{ {'auto': 'sample_auto'}.get(mode, mode)}.py"]
+    assert data_dirs(calls) == [data] and "reusing the demo dataset" in result.stdout
