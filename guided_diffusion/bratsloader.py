@@ -608,10 +608,12 @@ def write_nifti(
 DESCRIP_BYTES = 80  # the NIfTI-1 header's description field
 
 
-def synthesis_description(target: str, method: str, nfe: int, checkpoint: str | os.PathLike) -> str:
+def synthesis_description(target: str, method: str, nfe: int, checkpoint_sha256: str) -> str:
     """The header description of a synthesised volume: what it is and how it was made, e.g.
-    ``"SYNTHETIC t2f: Fast-cWDM ddim 4 NFE, best.pt"`` (cut to the 80 bytes the header holds)."""
-    text = f"SYNTHETIC {target}: Fast-cWDM {method} {nfe} NFE, {Path(str(checkpoint)).name}"
+    ``"SYNTHETIC t2f: Fast-cWDM ddim 4 NFE, checkpoint sha256 1a2b3c4d5e6f"`` (the checkpoint by its
+    content, so the same weights give the same file wherever they came from; cut to the 80 bytes the
+    header holds)."""
+    text = f"SYNTHETIC {target}: Fast-cWDM {method} {nfe} NFE, checkpoint sha256 {checkpoint_sha256[:12]}"
     return text.encode("ascii", "replace")[:DESCRIP_BYTES].decode("ascii")
 
 

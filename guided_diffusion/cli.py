@@ -222,8 +222,9 @@ def check_fits_model(geometry, loaded, source: str, data_dir: str) -> None:
 def check_output_dir(out_dir: str | os.PathLike, inputs: list[Path] = (), *, input_dir=None) -> Path:
     """Make sure results can be written to ``out_dir`` before any work is done, and that no output
     can land on an input: ``out_dir`` (symbolic links resolved) may not be ``input_dir``, lie inside
-    it or contain it, and no file of ``inputs`` may lie in it. Creates the folder; one-line
-    ValueError (naming the folder and the problem) otherwise."""
+    it or contain it, and no file of ``inputs`` may lie in it; the folder, or the nearest existing
+    folder above it, must be writable. Creates nothing; one-line ValueError (naming the folder and
+    the problem) otherwise."""
     out = Path(out_dir)
     resolved = out.resolve()
     if input_dir is not None:
@@ -234,12 +235,12 @@ def check_output_dir(out_dir: str | os.PathLike, inputs: list[Path] = (), *, inp
     for path in inputs:
         if resolved in Path(path).resolve().parents:
             raise ValueError(f"{out}: holds the input file {path}; choose an output folder without inputs")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # below a regular file, read-only file system, no permission ...
-        raise ValueError(f"{out}: cannot create the output folder ({err.strerror or err})") from None
-    if not os.access(out, os.W_OK | os.X_OK):  # also False on a read-only mount, for root too
-        raise ValueError(f"{out}: cannot write the results there (no write permission or a read-only file system)")
+    existing = next(p for p in (resolved, *resolved.parents) if p.exists())  # the folder is made when written to
+    if not existing.is_dir():
+        raise ValueError(f"{out}: cannot create the output folder (Not a directory: {existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):  # also False on a read-only mount, for root too
+        raise ValueError(f"{out}: cannot write the results there ({existing}: no write permission or a read-only "
+                         "file system)")
     return out
 
 

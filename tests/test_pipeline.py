@@ -23,6 +23,9 @@ from guided_diffusion.presets import get_preset
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_FATAL = 0, 1, 2
 HEADER_KEYS_CHANGED_ON_WRITE = {"datatype", "bitpix", "scl_slope", "scl_inter", "vox_offset"}
+# what describes the values, reset for a [0, 1] synthesis (issue 12): display range, intent, description
+HEADER_KEYS_OF_A_SYNTHESIS = {"cal_min": 0.0, "cal_max": 1.0, "intent_code": 0, "intent_p1": 0.0, "intent_p2": 0.0,
+                              "intent_p3": 0.0, "intent_name": b"", "aux_file": b""}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -82,7 +85,11 @@ def _assert_on_input_grid(out_path: Path, reference_path: Path) -> np.ndarray:
     assert out.shape == ref.shape == TINY_GEOMETRY.original_shape
     assert np.array_equal(out.affine, ref.affine)
     for key in out.header.keys():
-        if key not in HEADER_KEYS_CHANGED_ON_WRITE:
+        if key in HEADER_KEYS_OF_A_SYNTHESIS:
+            assert out.header[key] == HEADER_KEYS_OF_A_SYNTHESIS[key], key
+        elif key == "descrip":
+            assert out.header[key].tobytes().startswith(b"SYNTHETIC "), out.header[key]
+        elif key not in HEADER_KEYS_CHANGED_ON_WRITE:
             assert np.array_equal(out.header[key], ref.header[key]), key
     assert out.get_data_dtype() == np.float32
     data = out.get_fdata()

@@ -20,13 +20,14 @@ import torch
 from tqdm import tqdm
 
 from guided_diffusion import case_runner, cli
-from guided_diffusion.bratsloader import CaseError, expected_path, load_case, save_volume, to_original_grid
+from guided_diffusion.bratsloader import (CaseError, expected_path, load_case, save_volume, synthesis_description,
+                                         to_original_grid)
 from guided_diffusion.checkpoints import load_model, resolve_model_source
 from guided_diffusion.conditioning import cond_modalities, modality_index, zero_outside_head
 from guided_diffusion.extras import MissingExtraError
 from guided_diffusion.figures import slice_figure
 from guided_diffusion.fileio import atomic_write, save_json
-from guided_diffusion.metrics import METRIC_KEYS, evaluate_case, summarize
+from guided_diffusion.metrics import METRIC_KEYS, MISSING_VALUE_NOTE, evaluate_case, strict_json, summarize
 from guided_diffusion.provenance import held_out_case_ids, model_provenance
 from guided_diffusion.runinfo import run_info
 from guided_diffusion.synthesis import synthesize
@@ -43,7 +44,7 @@ def parse_args(argv=None):
     cli.add_target_argument(p, "modality to synthesise", required=True)
     p.add_argument("--hf_cache", default=None, help="Hugging Face cache folder for hf:// models (default: the hub's own)")
     p.add_argument("--out_dir", required=True, help="output folder (created; existing outputs are not overwritten)")
-    p.add_argument("--max_cases", type=int, default=0, help="only the first N cases (0 = all)")
+    p.add_argument("--max_cases", type=cli.nonnegative_int, default=0, help="only the first N cases (0 = all)")
     p.add_argument("--held_out_of", default=None, metavar="RUN_CONFIG",
                    help="only the validation cases a training run held out (its run_config.json, or the folder "
                         "holding it): score a model on cases it was not trained on")
@@ -57,7 +58,8 @@ def parse_args(argv=None):
 
 def write_metrics(out_dir: Path, records: list[dict], meta: dict) -> dict:
     summary = summarize(records, METRIC_KEYS)
-    save_json({"cases": records, "summary": summary, **meta}, out_dir / "metrics.json")
+    save_json(strict_json({"cases": records, "summary": summary, "missing_values": MISSING_VALUE_NOTE, **meta}),
+              out_dir / "metrics.json")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["case_id", *METRIC_KEYS, "seconds"])
     writer.writeheader()
@@ -100,10 +102,7 @@ def main(argv=None) -> int:
     cfg = cli.sample_config_from_args(args, cli.checkpoint_sample_defaults(loaded))
     timesteps, timesteps_origin = plan_timesteps(loaded.schedule, loaded.fats_state, cfg.nfe)
     cases, failures, geometry = cli.find_cases(args.data_dir, "train", check_data=False)
-    try:
-        geometry.check_divisible(loaded.model_config.spatial_divisor.bit_length())  # DWT (x2) + UNet downsamplings
-    except ValueError as err:
-        raise CaseError(Path(args.data_dir), f"the cases do not fit the model {args.checkpoint}: {err}") from None
+    cli.check_fits_model(geometry, loaded, args.checkpoint, args.data_dir)
     evaluated_on = f"every case of {args.data_dir}"
     if args.held_out_of:
         held_out = set(held_out_case_ids(args.held_out_of))
@@ -121,7 +120,7 @@ def main(argv=None) -> int:
     if earlier and not (args.overwrite or args.resume):
         raise FileExistsError(f"{out_dir} already holds the results of an earlier run ({', '.join(earlier)}); "
                               "pass --overwrite to replace them or choose another --out_dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    cli.check_output_dir(out_dir, [p for c in cases for p in c.files.values()], input_dir=args.data_dir)
     logger.info("synthesising %s for %d cases with %s, %d network evaluations (%s), on %s", args.target, len(cases),
                 cfg.sampler, len(timesteps), timesteps_origin, device)
     order, share = [c.case_id for c in cases], case_runner.split_cases(cases, ranks)
@@ -130,7 +129,9 @@ def main(argv=None) -> int:
     settings = case_runner.settings_digest({
         "model_sha256": case_runner.file_sha256(loaded.source) if journal else None, "target": args.target,
         "sample_config": cfg.to_dict(), "timesteps": timesteps, "keep_background": args.keep_background})
-    records, figure = [], None
+    records, figure, interrupted = [], None, None
+    description = synthesis_description(args.target, cfg.sampler, len(timesteps),
+                                        case_runner.file_sha256(model_path))
     figure_wanted = ranks.is_main and not (args.resume and (out_dir / "slice.png").exists())
     target_idx = modality_index(args.target)
     for case in tqdm(share, desc=f"sample {args.target}", dynamic_ncols=True):
@@ -148,7 +149,8 @@ def main(argv=None) -> int:
             pred = synthesize(loaded, volumes, args.target, cfg, [case.case_id], timesteps)
             pred = (pred if args.keep_background else zero_outside_head(pred, volumes, args.target))[0]
             seconds = time.perf_counter() - start
-            save_volume(out_path, to_original_grid(pred.numpy(), geometry), data.reference, overwrite=args.overwrite)
+            save_volume(out_path, to_original_grid(pred.numpy(), geometry), data.reference, overwrite=args.overwrite,
+                        description=description)
             gt = data.volumes[target_idx]
             try:
                 metrics = evaluate_case(pred.numpy(), gt, data.brain_mask, data.seg)
@@ -162,7 +164,12 @@ def main(argv=None) -> int:
                 figure_wanted = False
                 figure = write_figure(out_dir / "slice.png", case.case_id, data.volumes, pred.numpy(), args.target,
                                       len(timesteps))
-        except CaseError as err:
+        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the temporary file is gone; report what was done
+            interrupted = err
+            failures.append(CaseError(out_path, f"not done: {err or 'interrupted'}"))
+            break
+        except Exception as err:  # any problem of one case is one line; the batch goes on
+            err = cli.case_error(err, out_path)
             failures.append(err)
             logger.error("%s", err)
     reports = case_runner.gather_reports(ranks, {"records": records, "failures": [str(f) for f in failures]})
@@ -184,7 +191,8 @@ def main(argv=None) -> int:
         print(f"wrote {len(records)} volumes, {out_dir / 'metrics.json'}, {out_dir / 'metrics.csv'}"
               + (f", {figure}" if figure else ""))
     case_runner.finish(ranks)
-    return cli.report_failures(failures, "cases")
+    code = cli.report_failures(failures, "cases")
+    return cli.interrupt_exit_code(interrupted) if interrupted else code
 
 
 def run() -> None:

@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from guided_diffusion import case_runner, cli
-from guided_diffusion.bratsloader import CaseError, expected_path, load_case, save_volume, to_original_grid
+from guided_diffusion.bratsloader import (CaseError, expected_path, load_case, save_volume, synthesis_description,
+                                         to_original_grid)
 from guided_diffusion.checkpoints import CheckpointError, load_model, resolve_model_source
 from guided_diffusion.conditioning import zero_outside_head
 from guided_diffusion.fileio import save_json
@@ -54,6 +55,8 @@ def parse_args(argv=None):
 
 def model_sources(args) -> dict[str, str]:
     sources = {}
+    if args.model_dir and not Path(args.model_dir).is_dir():
+        raise ValueError(f"--model_dir {args.model_dir}: folder does not exist or is not a folder")
     if args.model_dir:
         for m in MODALITIES:
             for pattern in CHECKPOINT_NAMES:
@@ -88,6 +91,8 @@ def main(argv=None) -> int:
     ranks = case_runner.ranks_from_env()  # torchrun: each rank completes its share, rank 0 writes the report
     device = case_runner.rank_device(cli.default_device(args.device), ranks)
     sources = model_sources(args)
+    if not args.in_place and data_dir.is_dir():  # writing into the dataset is what --in_place is for
+        cli.check_output_dir(out_dir, input_dir=data_dir)
     cases, failures, geometry = cli.find_cases(str(data_dir), "auto", check_data=False)
     needed = sorted({c.missing for c in cases})
     models, configs, model_errors, provenance = {}, {}, {}, {}
@@ -99,6 +104,7 @@ def main(argv=None) -> int:
             path = resolve_model_source(sources[mod], args.hf_cache)
             loaded = load_model(path, device=device, cwdm_args=args.cwdm_args)
             cli.check_model_target(loaded, mod, sources[mod])
+            cli.check_fits_model(geometry, loaded, sources[mod], str(data_dir))  # a CaseError is fatal: not caught
             models[mod] = loaded
             configs[mod] = cli.sample_config_from_args(args, cli.checkpoint_sample_defaults(loaded))
             provenance[mod] = model_provenance(loaded, sources[mod], path, configs[mod])
@@ -112,7 +118,7 @@ def main(argv=None) -> int:
         "sample_config": configs[mod].to_dict(),
         "timesteps": plan_timesteps(models[mod].schedule, models[mod].fats_state, configs[mod].nfe)[0],
         "keep_background": args.keep_background}) for mod in models}
-    written = []
+    written, interrupted = [], None
     for case in tqdm(share, desc="complete", dynamic_ncols=True):
         target = case.missing
         out_path = expected_path(out_dir / case.case_id, target)
@@ -132,12 +138,23 @@ def main(argv=None) -> int:
             volumes = torch.from_numpy(data.volumes)[None]
             pred = synthesize(loaded, volumes, target, cfg, [case.case_id], timesteps)
             pred = (pred if args.keep_background else zero_outside_head(pred, volumes, target))[0]
-            save_volume(out_path, to_original_grid(pred.numpy(), geometry), data.reference)
+            save_volume(out_path, to_original_grid(pred.numpy(), geometry), data.reference,
+                        description=synthesis_description(target, cfg.sampler, len(timesteps),
+                                                          provenance[target]["sha256"]))
             written.append({"case_id": case.case_id, "missing": target, "output": str(out_path), "nfe": len(timesteps),
                             "timesteps_origin": origin})
             if journal:
                 journal.record(out_path, settings[target], written[-1])
-        except CaseError as err:
+        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the temporary file is gone; report what was done
+            interrupted = err
+            if out_path.exists() and not any(w["output"] == str(out_path) for w in written):  # absent at the start
+                written.append({"case_id": case.case_id, "missing": target, "output": str(out_path),
+                                "note": "published just before the interruption"})
+            else:
+                failures.append(CaseError(out_path, f"not done: {err or 'interrupted'}"))
+            break
+        except Exception as err:  # any problem of one case is one line; the batch goes on
+            err = cli.case_error(err, out_path)
             failures.append(err)
             logger.error("%s", err)
     reports = case_runner.gather_reports(ranks, {"completed": written, "failures": [str(f) for f in failures]})
@@ -146,13 +163,14 @@ def main(argv=None) -> int:
         return cli.EXIT_OK
     merged = case_runner.merge_reports(reports, ["completed"], order)
     written, failures = merged["completed"], merged["failures"]
-    if written:
-        save_json({"completed": written, "models": sources, "model_provenance": provenance,
+    if written or interrupted:
+        save_json({"completed": written, "interrupted": (str(interrupted) or "interrupted") if interrupted else None, "models": sources, "model_provenance": provenance,
                    "background": cli.background_note(args.keep_background), "run": run_info(),
                    "failures": [str(f) for f in failures]}, unused_path(out_dir / "completion_report.json"))
     print(f"completed {len(written)} cases into {out_dir}; {len(failures)} failed")
     case_runner.finish(ranks)
-    return cli.report_failures(failures, "cases")
+    code = cli.report_failures(failures, "cases")
+    return cli.interrupt_exit_code(interrupted) if interrupted else code
 
 
 def run() -> None:
