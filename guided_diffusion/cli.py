@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .bratsloader import CaseError, common_geometry, discover_cases
 from .checkpoints import CheckpointError, read_cwdm_args
@@ -151,6 +152,53 @@ def _cwdm_args_file(path: str) -> dict:
         return read_cwdm_args(path)
     except CheckpointError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+class FitProgress:
+    """The ``progress`` callback of ``fats_training.fit_and_store_timesteps``: a bar over the NFE
+    budgets with the current budget, sweep, position and error on a terminal; where stderr is not
+    a terminal (logs, batch jobs) the bar is off and each budget logs a line when it starts and ends."""
+
+    def __init__(self, desc: str = "fit timesteps"):
+        self.desc, self.bar = desc, None
+
+    def __call__(self, event: dict) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=event["budgets"], desc=self.desc, disable=None, dynamic_ncols=True)
+        post = {"nfe": event["nfe"]}
+        if event["event"] == "start":
+            if self.bar.disable:
+                logger.info("%s: NFE=%d (%d of %d) ...", self.desc, event["nfe"], event["index"] + 1, event["budgets"])
+        elif event["event"] == "improved":
+            post.update(sweep=event["sweep"], position=event["position"], error=f"{event['error']:.4g}")
+        else:
+            self.bar.update(1)
+            if self.bar.disable:
+                logger.info("%s: NFE=%d done, error %.5g", self.desc, event["nfe"], event["result"]["error"])
+            if event["index"] + 1 == event["budgets"]:
+                self.bar.close()
+        self.bar.set_postfix(post, refresh=False)
+
+
+STEP_BAR_MIN = 50  # network evaluations per case from which a case gets its own progress bar
+
+
+def step_progress(total: int, desc: str):
+    """The ``callback`` of ``synthesis.synthesize`` for one case: a transient bar over its ``total``
+    network evaluations on a terminal when there are at least :data:`STEP_BAR_MIN` (a 1000-step
+    DDPM case takes minutes); elsewhere a log line says the case started. None when not needed."""
+    if total < STEP_BAR_MIN:
+        return None
+    bar = tqdm(total=total, desc=desc, unit="eval", leave=False, disable=None, dynamic_ncols=True)
+    if bar.disable:
+        logger.info("%s: %d network evaluations ...", desc, total)
+        return None
+
+    def on_step(state: dict) -> None:
+        bar.update(1)
+        if bar.n >= total:
+            bar.close()
+    return on_step
 
 
 def override(cfg, **changes):

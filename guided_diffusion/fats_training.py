@@ -15,7 +15,7 @@ import itertools
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -104,20 +104,29 @@ def held_out_cases(dataset: Dataset, target: str, device, max_cases: int = 4, se
 
 def fit_sampling_steps(model: torch.nn.Module, schedule: NoiseSchedule, cases: list[dict], nfes: Sequence[int], *,
                        clip: bool = True, seed: int = 0, reference: str = "target",
-                       precision: str = "fp32") -> dict[int, dict]:
+                       precision: str = "fp32", progress: Callable[[dict], None] | None = None) -> dict[int, dict]:
     """Learned DDIM timesteps for each budget in ``nfes`` (any model, any schedule): NFE ->
     ``fats_search.learn_timesteps`` result.
 
     ``reference``: ``"target"`` fits the real x0 (paired data); ``"teacher"`` fits the same noise's
     sample over every step (avoids the one-step-regression optimum the target objective favours).
     ``precision``: the network's precision (``diffusion.make_denoiser``), as it will be sampled.
+    ``progress``: called with ``{"event": "start" | "improved" | "done", "nfe", "index", "budgets"}``
+    (``index`` of the budget, of ``budgets`` in all), plus the search's state for ``"improved"``
+    (``sweep``, ``position``, ``steps``, ``error``, ``evaluations`` so far) and the ``result`` for
+    ``"done"``.
     """
     model.eval()
     results = {}
-    for nfe in nfes:
+    report = progress or (lambda event: None)
+    for index, nfe in enumerate(nfes):
+        where = {"nfe": int(nfe), "index": index, "budgets": len(nfes)}
+        report({"event": "start", **where})
         result = learn_timesteps(lambda case: make_denoiser(model, schedule, case["cond"], precision=precision),
                                  schedule, cases, int(nfe), clip=clip_in_image_space if clip else None, seed=seed,
-                                 reference=reference)
+                                 reference=reference, callback=lambda state: report(
+                                     {"event": "improved", **state, "evaluations": state["nfe"], **where}))
+        report({"event": "done", **where, "result": result})
         logger.info("NFE=%d: learned timesteps %s, held-out error %.5g (uniform %s: %.5g)", nfe, result["steps"],
                     result["error"], result["uniform_steps"], result["uniform_error"])
         results[int(nfe)] = result
@@ -126,14 +135,15 @@ def fit_sampling_steps(model: torch.nn.Module, schedule: NoiseSchedule, cases: l
 
 def fit_and_store_timesteps(model: torch.nn.Module, schedule: NoiseSchedule, cases: list[dict], nfes: Sequence[int],
                             checkpoints: Sequence[tuple[dict, str | Path]], *, default_nfe: int = DEFAULT_NFE,
-                            seed: int = 0, precision: str = "fp32") -> dict[int, dict]:
+                            seed: int = 0, precision: str = "fp32",
+                            progress: Callable[[dict], None] | None = None) -> dict[int, dict]:
     """Learn the timesteps of each budget in ``nfes`` (:func:`fit_sampling_steps`) and store them:
     each ``(checkpoint dict, path)`` of ``checkpoints`` is saved to ``path`` with its FATS state
     extended by the learned timesteps and ``default_nfe`` (the smallest budget when ``default_nfe``
-    was not fitted). Returns NFE -> ``learn_timesteps`` result.
+    was not fitted). ``progress``: see :func:`fit_sampling_steps`. Returns NFE -> ``learn_timesteps`` result.
     """
     with torch.no_grad():
-        results = fit_sampling_steps(model, schedule, cases, nfes, seed=seed, precision=precision)
+        results = fit_sampling_steps(model, schedule, cases, nfes, seed=seed, precision=precision, progress=progress)
     for checkpoint, path in checkpoints:
         extra = checkpoint.get("extra") or {}
         state = (FatsState.from_extra(extra) or FatsState()).with_learned(results, default_nfe)

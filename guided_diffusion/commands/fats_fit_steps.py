@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     held_out = held_out_cases(BratsDataset(cases, geometry), args.target, device, args.max_cases, args.seed)
     results = fit_and_store_timesteps(loaded.model, loaded.schedule, held_out, args.nfe,
                                       [(checkpoint_dict_for(source, loaded), out)], default_nfe=args.default_nfe,
-                                      seed=args.seed, precision=args.precision)
+                                      seed=args.seed, precision=args.precision,
+                                      progress=cli.FitProgress(f"fit {args.target} timesteps"))
     for nfe, r in sorted(results.items()):
         print(f"NFE={nfe}: timesteps {r['steps']}  held-out error {r['error']:.5g}  (uniform {r['uniform_error']:.5g})")
     print(f"wrote {out}")

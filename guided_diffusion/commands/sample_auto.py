@@ -136,7 +136,8 @@ def main(argv=None) -> int:
             timesteps, origin = plan_timesteps(loaded.schedule, loaded.fats_state, cfg.nfe)
             data = load_case(case, geometry)
             volumes = torch.from_numpy(data.volumes)[None]
-            pred = synthesize(loaded, volumes, target, cfg, [case.case_id], timesteps)
+            pred = synthesize(loaded, volumes, target, cfg, [case.case_id], timesteps,
+                              callback=cli.step_progress(len(timesteps), f"{case.case_id} {target}"))
             pred = (pred if args.keep_background else zero_outside_head(pred, volumes, target))[0]
             save_volume(out_path, to_original_grid(pred.numpy(), geometry), data.reference,
                         description=synthesis_description(target, cfg.sampler, len(timesteps),

@@ -51,6 +51,12 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", type=int, default=None, help="data-loading worker processes")
     p.add_argument("--seed", type=int, default=None, help="random seed (weights, data order, noise)")
     p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' for <run_dir>/<target>/latest.pt")
+    p.add_argument("--fats_nfe", type=int, nargs="+", default=list(FATS_NFE_BUDGETS), metavar="K",
+                   help="FATS presets: NFE budgets whose sampling timesteps are learned after training "
+                        "(default %(default)s; minutes each on a CPU, see --skip_fats_fit)")
+    p.add_argument("--skip_fats_fit", action="store_true",
+                   help="FATS presets: do not learn sampling timesteps after training (uniform steps are "
+                        "used; scripts/fats_fit_steps.py can learn them later)")
     p.add_argument("--init_from", default=None, help="initial weights (e.g. a cWDM checkpoint); not a resume")
     p.add_argument("--skip_data_check", action="store_true",
                    help="do not read every voxel before training (faster start on large datasets)")
@@ -107,8 +113,8 @@ def train_one(args, preset, target: str, train_cases, val_cases, geometry, dist)
 
     summary = trainer.run(on_log)
     bar.close()
-    if diffusion_cfg.kind == "fats" and val_cases and dist.is_main:
-        fit_fats_steps(trainer, val_set, target, run_dir, preset.sample.precision)
+    if diffusion_cfg.kind == "fats" and val_cases and dist.is_main and not args.skip_fats_fit:
+        fit_fats_steps(trainer, val_set, target, run_dir, preset.sample.precision, args.fats_nfe)
     if dist.is_main:
         logger.info("%s: trained to step %d, best validation loss %.5g; checkpoints in %s", target, summary["step"],
                     summary["best_val"], run_dir)
@@ -123,16 +129,17 @@ def remove_partial_saves(run_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def fit_fats_steps(trainer, val_set, target: str, run_dir: Path, precision: str) -> None:
-    """FATS: learn the sampling timesteps of each budget in ``FATS_NFE_BUDGETS`` for the best
+def fit_fats_steps(trainer, val_set, target: str, run_dir: Path, precision: str, nfes=FATS_NFE_BUDGETS) -> None:
+    """FATS: learn the sampling timesteps of each budget in ``nfes`` (``--fats_nfe``) for the best
     checkpoint's EMA weights on the validation cases, and store them in best.pt and latest.pt."""
     source = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / LATEST
     trainer.ema.load_state_dict(read_checkpoint(source)["ema"])
     cases = held_out_cases(val_set, target, trainer.device, max_cases=len(val_set), seed=trainer.cfg.seed)
     targets = [(read_checkpoint(run_dir / name), run_dir / name) for name in ("best.pt", LATEST)
                if (run_dir / name).is_file()]
-    results = fit_and_store_timesteps(trainer.ema, trainer.target_schedule, cases, FATS_NFE_BUDGETS, targets,
-                                      seed=trainer.cfg.seed, precision=precision)
+    results = fit_and_store_timesteps(trainer.ema, trainer.target_schedule, cases, nfes, targets,
+                                      seed=trainer.cfg.seed, precision=precision,
+                                      progress=cli.FitProgress(f"fit {target} timesteps"))
     logger.info("stored learned sampling timesteps for NFE = %s (fitted on %s)", sorted(results), source.name)
 
 
