@@ -44,6 +44,13 @@ LAST_GOOD = "last_good.pt"
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
 
+def upright_pair(target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """The middle axial slices of two (X, Y, Z) volumes side by side, upright as in ``slice.png``
+    (the slice rotated by 90 degrees, anterior up): a (1, Y, 2 X) image for TensorBoard."""
+    z = target.shape[-1] // 2
+    return torch.cat([torch.rot90(v[..., z], 1, dims=(0, 1)) for v in (target, pred)], dim=1)[None]
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/Inf; the last good state was saved."""
 
@@ -271,9 +278,8 @@ class Trainer:
         with torch.no_grad():
             target = from_subbands(x0[:1].float())[0, 0]
             pred = from_subbands(pred_x0[:1].float().detach())[0, 0].clamp(0, 1)
-        z = target.shape[-1] // 2
-        self._tb().add_image("slices/target_vs_prediction", torch.cat([target[..., z], pred[..., z]], dim=1)[None],
-                             self.step)
+        self._tb().add_image(f"slices/{self.cfg.target_modality}: truth (left), prediction (right), middle axial",
+                             upright_pair(target, pred), self.step)
 
     # ------------------------------------------------------------------ loop
     def run(self, callback: Callable[[StepResult], None] | None = None) -> dict:

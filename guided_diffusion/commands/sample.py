@@ -76,17 +76,18 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_figure(path: Path, case_id: str, volumes, pred, target: str, nfe: int) -> Path | None:
+def write_figure(path: Path, case_id: str, volumes, pred, target: str, nfe: int, seg=None) -> Path | None:
     """One axial slice of the conditions, the truth, the synthesis and the error as a PNG;
     None (with a warning) when the ``figures`` extra is not installed.
 
     Args:
-        volumes: (4, X, Y, Z) the case's modalities; pred: (X, Y, Z) the synthesis of ``target``.
+        volumes: (4, X, Y, Z) the case's modalities; pred: (X, Y, Z) the synthesis of ``target``;
+        seg: (X, Y, Z) tumour labels or None (the figure shows the slice with the most tumour).
     """
     panels = [(m, volumes[modality_index(m)]) for m in cond_modalities(target)]
     panels += [(f"{target} (truth)", volumes[modality_index(target)]), (f"{target} (synthesis)", pred)]
     try:
-        return slice_figure(path, panels, title=f"{case_id}: {target}, {nfe} NFE", error_pair=(3, 4))
+        return slice_figure(path, panels, title=f"{case_id}: {target}, {nfe} NFE", error_pair=(3, 4), seg=seg)
     except MissingExtraError as err:
         logger.warning("no slice figure: %s", err)
         return None
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
             if figure_wanted:
                 figure_wanted = False
                 figure = write_figure(out_dir / "slice.png", case.case_id, data.volumes, pred.numpy(), args.target,
-                                      len(timesteps))
+                                      len(timesteps), data.seg)
         except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the temporary file is gone; report what was done
             interrupted = err
             failures.append(CaseError(out_path, f"not done: {err or 'interrupted'}"))

@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--val_interval", type=int, default=None, help="steps between validations (best.pt); 0 = never")
     p.add_argument("--val_cases", type=int, default=None, help="cases held out for validation when no --val_dir")
     p.add_argument("--log_interval", type=int, default=None, help="steps between log lines / TensorBoard scalars")
+    p.add_argument("--image_interval", type=int, default=None,
+                   help="steps between TensorBoard image slices (0 = none; preset default otherwise)")
     p.add_argument("--batch_size", type=int, default=None, help="batch size per process")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="bf16 = autocast to bfloat16")
@@ -68,7 +70,7 @@ def train_one(args, preset, target: str, train_cases, val_cases, geometry, dist)
     train_cfg = cli.override(
         preset.train, data_dir=str(args.data_dir), run_dir=str(Path(args.run_dir) / target), target_modality=target,
         max_steps=args.max_steps, save_interval=args.save_interval, val_interval=args.val_interval,
-        log_interval=args.log_interval, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
+        log_interval=args.log_interval, image_interval=args.image_interval, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
         num_workers=args.num_workers, seed=args.seed, init_from=args.init_from, val_dir=args.val_dir,
         val_cases=args.val_cases)
     model_cfg = cli.override(preset.model, use_checkpoint=True if args.use_checkpoint else None)
