@@ -10,6 +10,10 @@ round so that they see the same machine load (medians reported):
                              reported separately as ``first_call_s``)
   channels_last_bf16         weights and input in ``torch.channels_last_3d`` (oneDNN's preferred
                              NDHWC layout; not wired into the library unless it wins)
+  openvino_bf16              the network converted with OpenVINO (``ov.convert_model``) and compiled
+                             for the CPU with ``INFERENCE_PRECISION_HINT=bf16``; only when the
+                             ``openvino`` package is installed (not a project dependency); its
+                             conversion + compilation time is ``first_call_s``
 
 ``max_abs_diff_vs_eager`` compares each output with eager_bf16's (the output layer is drawn at
 random so outputs are not all zero). ``seconds_per_volume_default_budget`` = 4 evaluations (the FATS
@@ -65,12 +69,17 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     evaluate(compiled)
     compile_s = time.perf_counter() - start
+    openvino_request = _openvino_request(model, x, t, args.threads)
     variants = {
         "eager_bf16_fp32_groupnorm": (lambda: _with(fp32_groupnorm, lambda: evaluate(model))),
         "eager_bf16": (lambda: evaluate(model)),
         "compiled_bf16": (lambda: evaluate(compiled)),
         "channels_last_bf16": (lambda: evaluate(channels_last, x_channels_last)),
     }
+    if openvino_request is not None:
+        request, convert_s = openvino_request
+        variants["openvino_bf16"] = lambda: torch.from_numpy(
+            next(iter(request.infer([x.numpy(), t.numpy()]).values())).copy()).float()
     times = {name: [] for name in variants}
     outputs = {}
     for _ in range(args.rounds):
@@ -88,15 +97,31 @@ def main(argv=None) -> int:
                "seconds_per_volume_default_budget": DEFAULT_NFE * seconds}
         if name == "compiled_bf16":
             rec["first_call_s"] = compile_s
+        if name == "openvino_bf16":
+            rec["first_call_s"] = convert_s
         records.append(rec)
     result = {"command": " ".join(["python", *sys.argv]), "machine": machine(), "input_shape": list(shape),
               "baseline": "eager_bf16_fp32_groupnorm (the bf16 eager path before issue 15)",
-              "default_nfe": DEFAULT_NFE, "rounds": args.rounds, "records": records}
+              "default_nfe": DEFAULT_NFE, "rounds": args.rounds, "records": records,
+              "reference_max_abs": outputs["eager_bf16"].abs().max().item()}
     save_json(result, args.out)
     for rec in records:
         print(f"{rec['variant']:28s} {rec['seconds_per_nfe']:8.3f} s/NFE  {rec['speedup_vs_eager_bf16']:5.2f}x  "
               f"max|diff| {rec['max_abs_diff_vs_eager']:.3g}")
     return 0
+
+
+def _openvino_request(model, x, t, threads: int):
+    """An OpenVINO inference request for the network in bf16, and the seconds it took; None when
+    the openvino package is not installed."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    start = time.perf_counter()
+    compiled = ov.Core().compile_model(ov.convert_model(model, example_input=(x, t)), "CPU", {
+        "INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+    return compiled.create_infer_request(), time.perf_counter() - start
 
 
 def _with(context, fn):
