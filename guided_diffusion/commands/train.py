@@ -26,6 +26,7 @@ from guided_diffusion.provenance import check_resume_data, data_fingerprint
 from guided_diffusion.runinfo import run_info
 from guided_diffusion.runlock import hold_run_lock
 from guided_diffusion.train_util import LATEST, Trainer, TrainingDiverged, setup_distributed
+from guided_diffusion.volume_cache import CachedBratsDataset
 
 logger = logging.getLogger("train")
 
@@ -51,6 +52,11 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="bf16 = autocast to bfloat16")
     p.add_argument("--use_checkpoint", action="store_true", help="activation checkpointing (less memory, slower)")
     p.add_argument("--num_workers", type=int, default=None, help="data-loading worker processes")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the network for the training steps (pays off on a GPU; see README 'Performance')")
+    p.add_argument("--cache_dir", default=None,
+                   help="cache the preprocessed cases here (exact float32 arrays, ~135 MB per full-size case, keyed "
+                        "by the files' content): later epochs skip NIfTI decompression and percentiles")
     p.add_argument("--seed", type=int, default=None, help="random seed (weights, data order, noise)")
     p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' for <run_dir>/<target>/latest.pt")
     p.add_argument("--fats_nfe", type=int, nargs="+", default=list(FATS_NFE_BUDGETS), metavar="K",
@@ -72,6 +78,7 @@ def train_one(args, preset, target: str, train_cases, val_cases, geometry, dist)
         max_steps=args.max_steps, save_interval=args.save_interval, val_interval=args.val_interval,
         log_interval=args.log_interval, image_interval=args.image_interval, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
         num_workers=args.num_workers, seed=args.seed, init_from=args.init_from, val_dir=args.val_dir,
+        compile=args.compile, cache_dir=args.cache_dir,
         val_cases=args.val_cases)
     model_cfg = cli.override(preset.model, use_checkpoint=True if args.use_checkpoint else None)
     geometry.check_divisible(model_cfg.spatial_divisor.bit_length())  # DWT (x2) + UNet downsamplings
@@ -79,8 +86,8 @@ def train_one(args, preset, target: str, train_cases, val_cases, geometry, dist)
     earlier = Path(train_cfg.run_dir) / LATEST if args.resume == "auto" else args.resume
     if earlier and Path(earlier).is_file():  # never continue a run on other data (checked before any work)
         check_resume_data(Path(earlier).parent, data)
-    train_set = BratsDataset(train_cases, geometry)
-    val_set = BratsDataset(val_cases, geometry) if val_cases else None
+    train_set = dataset_for(train_cases, geometry, train_cfg.cache_dir)
+    val_set = dataset_for(val_cases, geometry, train_cfg.cache_dir) if val_cases else None
     diffusion_cfg, schedule, extra = preset.diffusion, None, {}
     if diffusion_cfg.kind == "fats":
         diffusion_cfg, schedule, extra = prepare_fats_schedule(diffusion_cfg, train_set, target, train_cfg.seed)
@@ -117,10 +124,20 @@ def train_one(args, preset, target: str, train_cases, val_cases, geometry, dist)
     bar.close()
     if diffusion_cfg.kind == "fats" and val_cases and dist.is_main and not args.skip_fats_fit:
         fit_fats_steps(trainer, val_set, target, run_dir, preset.sample.precision, args.fats_nfe)
+    if dist.world > 1:  # the other ranks wait here for rank 0's fitting (train_util.COLLECTIVE_TIMEOUT)
+        torch.distributed.barrier()
     if dist.is_main:
         logger.info("%s: trained to step %d, best validation loss %.5g; checkpoints in %s", target, summary["step"],
                     summary["best_val"], run_dir)
     return run_dir
+
+
+def dataset_for(cases, geometry, cache_dir: str):
+    """The training cases as a dataset: read from the NIfTI files, or through the preprocessed-case
+    cache in ``cache_dir`` (identical items; see ``volume_cache``)."""
+    if not cache_dir:
+        return BratsDataset(cases, geometry)
+    return CachedBratsDataset(cases, cache_dir, geometry)
 
 
 def remove_partial_saves(run_dir: Path) -> None:
@@ -136,7 +153,7 @@ def fit_fats_steps(trainer, val_set, target: str, run_dir: Path, precision: str,
     checkpoint's EMA weights on the validation cases, and store them in best.pt and latest.pt."""
     source = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / LATEST
     trainer.ema.load_state_dict(read_checkpoint(source)["ema"])
-    cases = held_out_cases(val_set, target, trainer.device, max_cases=len(val_set), seed=trainer.cfg.seed)
+    cases = held_out_cases(val_set, target, trainer.device, seed=trainer.cfg.seed)
     targets = [(read_checkpoint(run_dir / name), run_dir / name) for name in ("best.pt", LATEST)
                if (run_dir / name).is_file()]
     results = fit_and_store_timesteps(trainer.ema, trainer.target_schedule, cases, nfes, targets,
