@@ -21,7 +21,7 @@ default NFE) + the measured rest of a K = 1 synthesis is not included: the rest 
 the CPU (README "Performance"), so it is 4 x seconds_per_nfe.
 
 Run:  python benchmarks/bench_cpu_inference.py --rounds 2 --threads 2
-Writes benchmarks/results/cpu_inference.json (or --out).
+Writes benchmarks/results/local/cpu_inference.json (--update_results: the committed file; --out).
 """
 from __future__ import annotations
 
@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import add_output_arguments, machine, output_path  # noqa: E402
 from benchmarks.gpu_suite import fp32_groupnorm, random_network  # noqa: E402
 from guided_diffusion.config import ModelConfig  # noqa: E402
 from guided_diffusion.fileio import save_json  # noqa: E402
 from guided_diffusion.presets import TINY_MODEL  # noqa: E402
 
-RESULT = Path(__file__).resolve().parent / "results" / "cpu_inference.json"
+RESULT_NAME = "cpu_inference.json"
 DEFAULT_NFE = 4
 
 
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (each variant once per round)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--quick", action="store_true", help="tiny model and input (a smoke run of the same code)")
-    parser.add_argument("--out", default=str(RESULT), help=f"result JSON (default {RESULT})")
+    add_output_arguments(parser, RESULT_NAME)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = TINY_MODEL if args.quick else ModelConfig()
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
               "baseline": "eager_bf16_fp32_groupnorm (the bf16 eager path before issue 15)",
               "default_nfe": DEFAULT_NFE, "rounds": args.rounds, "records": records,
               "reference_max_abs": outputs["eager_bf16"].abs().max().item()}
-    save_json(result, args.out)
+    save_json(result, output_path(args, RESULT_NAME))
     for rec in records:
         print(f"{rec['variant']:28s} {rec['seconds_per_nfe']:8.3f} s/NFE  {rec['speedup_vs_eager_bf16']:5.2f}x  "
               f"max|diff| {rec['max_abs_diff_vs_eager']:.3g}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import median_seconds, write_result  # noqa: E402
+from benchmarks.common import add_output_arguments, median_seconds, output_path, write_result  # noqa: E402
 from DWT_IDWT import dwt3, idwt3  # noqa: E402
 
 
@@ -58,6 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", type=int, nargs=5, default=[1, 1, 224, 224, 160], help="input shape B C D H W")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported)")
+    add_output_arguments(parser, "dwt.json")
     args = parser.parse_args()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results = {}
@@ -75,7 +76,7 @@ def main() -> None:
             "dense_round_trip_max_abs_error": err_dense, "project_times_s": ours_all, "dense_times_s": dense_all,
         }
         print(f"{device}: project {ours * 1e3:.1f} ms, dense {dense * 1e3:.1f} ms, speed-up {dense / ours:.1f}x")
-    path = write_result("dwt.json", {"results": results})
+    path = write_result(output_path(args, "dwt.json").resolve(), {"results": results})
     print(f"wrote {path}")
 
 

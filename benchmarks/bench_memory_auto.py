@@ -18,7 +18,7 @@ makes RSS swing by tens of MiB from case to case without any leak. The child the
 Run:
   python benchmarks/bench_memory_auto.py                        # 10 and 50 cases
   python benchmarks/bench_memory_auto.py --cases 10 50 --size 0.25 --preset demo
-Writes benchmarks/results/memory_auto.json (--out to write elsewhere).
+Writes benchmarks/results/local/memory_auto.json (--update_results: the committed file; --out).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from benchmarks.common import RESULTS_DIR, write_result  # noqa: E402
+from benchmarks.common import add_output_arguments, output_path, write_result  # noqa: E402
 
 KIB = 1024
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}  # see the module docstring
@@ -172,15 +172,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=float, default=DEFAULT_SIZE, help="BraTS geometry scale of the demo cases")
     parser.add_argument("--preset", default="tiny", help="MODEL preset of the (untrained) checkpoints")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the sample_auto.py process")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "memory_auto.json"), help="result JSON")
+    add_output_arguments(parser, "memory_auto.json")
     args = parser.parse_args(argv)
     result = run(args.cases, nfe=args.nfe, size=args.size, preset=args.preset, threads=args.threads)
     for r in result["runs"]:
         print(f"{r['cases']:4d} cases: peak RSS {r['peak_rss_mib']:.1f} MiB, RSS after the last case "
               f"{r['rss_after_case_mib'][-1]:.1f} MiB, slope {r['rss_slope_kib_per_case']:.1f} KiB/case")
     print(f"peak growth {result['peak_growth_mib']:.2f} MiB ({result['peak_growth_mib_per_case'] * KIB:.1f} KiB/case)")
-    write_result(Path(args.out).resolve(), result)
-    print(f"wrote {args.out}")
+    out = output_path(args, "memory_auto.json").resolve()
+    write_result(out, result)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

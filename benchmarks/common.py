@@ -34,7 +34,10 @@ from guided_diffusion.config import ModelConfig
 from guided_diffusion.fileio import save_json
 from guided_diffusion.presets import DEMO_MODEL, TINY_MODEL
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the committed results
+# Where a run writes unless asked to update the committed file (git-ignored): running the README's
+# commands never overwrites the tracked results.
+LOCAL_RESULTS_DIR = RESULTS_DIR / "local"
 GIB = 2 ** 30
 MMAP_ENV, MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_", 1 << 20  # glibc: buffers >= 1 MiB are mmapped
 
@@ -250,8 +253,26 @@ def command_line() -> str:
     return shlex.join([Path(sys.executable).name, *sys.argv])
 
 
+def add_output_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--out`` and ``--update_results`` for a benchmark whose result file is ``name``."""
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"result file (default: benchmarks/results/local/{name}, git-ignored; with "
+                             f"--update_results the committed benchmarks/results/{name})")
+    parser.add_argument("--update_results", action="store_true",
+                        help=f"write the committed benchmarks/results/{name} instead of a local copy")
+
+
+def output_path(args: argparse.Namespace, name: str) -> Path:
+    """Where a benchmark writes: ``--out``, else the committed file with ``--update_results``, else
+    ``LOCAL_RESULTS_DIR / name``."""
+    if args.out is not None:
+        return Path(args.out)
+    return (RESULTS_DIR if args.update_results else LOCAL_RESULTS_DIR) / name
+
+
 def write_result(name: str | Path, payload: dict) -> Path:
-    """Write ``payload`` with the command line and the machine to ``RESULTS_DIR / name`` (atomic)."""
+    """Write ``payload`` with the command line and the machine to ``RESULTS_DIR / name`` (an
+    absolute path is kept as it is; atomic)."""
     path = RESULTS_DIR / name
     save_json({"command": command_line(), "machine": machine(), **payload}, path)
     return path
@@ -274,7 +295,7 @@ def merge_result(path: Path, key: str, entry: dict) -> Path:
 
 def benchmark_parser(doc: str, out_name: str, repeats: int, what: str) -> argparse.ArgumentParser:
     """The options every benchmark has: --config, --device, --repeats, --warmup, --no-isolate,
-    --cpu-memory-limit-gb, --threads, --out (``RESULTS_DIR / out_name``)."""
+    --cpu-memory-limit-gb, --threads, --out / --update_results (see :func:`output_path`)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=tuple(PRESETS), default="demo",
                         help="model + volume preset: full (cWDM at BraTS size), demo (CPU), tiny (smoke tests)")
@@ -286,13 +307,13 @@ def benchmark_parser(doc: str, out_name: str, repeats: int, what: str) -> argpar
     parser.add_argument("--cpu-memory-limit-gb", type=float, default=None,
                         help="address-space cap for a CPU worker (default 80%% of MemAvailable)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / out_name,
-                        help="results JSON (merged under the key <config>/<device>)")
+    add_output_arguments(parser, out_name)
+    parser.set_defaults(result_name=out_name)
     return parser
 
 
 def save_entry(args: argparse.Namespace, entry: dict) -> Path:
     """Merge ``entry`` into ``args.out`` under "<config>/<device>" and say where it went."""
-    path = merge_result(args.out, f"{args.config}/{args.device}", entry)
+    path = merge_result(output_path(args, args.result_name), f"{args.config}/{args.device}", entry)
     print(f"wrote {path}")
     return path

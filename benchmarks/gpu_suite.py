@@ -22,7 +22,8 @@ Sections (each a key of the JSON result; a failure is recorded with its reason, 
                       this at full size on a machine without a GPU.
 ``dwt``               DWT + IDWT of one (1, 1, 224, 224, 160) volume.
 
-Run on a GPU:  bash benchmarks/gpu_suite.sh          (writes benchmarks/results/gpu_suite.json)
+Run on a GPU:  bash benchmarks/gpu_suite.sh          (writes benchmarks/results/local/gpu_suite.json;
+                                                    --update_results writes the committed gpu_suite.json)
 Smoke test:    python benchmarks/gpu_suite.py --device cpu --quick --out /tmp/gpu_suite.json
 ``--quick`` runs the same code on tiny shapes (the test suite runs it so the script cannot rot);
 ``torch.compile`` then uses the ``eager`` backend with ``fullgraph=True``, which checks that the
@@ -45,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine, sync  # noqa: E402
+from benchmarks.common import add_output_arguments, machine, output_path, sync  # noqa: E402
 from DWT_IDWT import clip_in_image_space, dwt3, idwt3  # noqa: E402
 from guided_diffusion.checkpoints import LoadedModel  # noqa: E402
 from guided_diffusion.config import DiffusionConfig, ModelConfig, SampleConfig, TrainConfig  # noqa: E402,E501
@@ -60,7 +61,7 @@ from guided_diffusion.schedules import linear  # noqa: E402
 from guided_diffusion.synthesis import synthesize, synthesize_volumes  # noqa: E402
 from guided_diffusion.train_util import Trainer  # noqa: E402
 
-RESULT = Path(__file__).resolve().parent / "results" / "gpu_suite.json"
+RESULT_NAME = "gpu_suite.json"
 FULL_VOLUME = (224, 224, 160)  # the network grid of a BraTS case
 QUICK_VOLUME = (16, 16, 12)
 
@@ -433,7 +434,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and model: a smoke run of the same code")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default 10, quick 2)")
-    parser.add_argument("--out", default=str(RESULT), help=f"result JSON (default {RESULT})")
+    add_output_arguments(parser, RESULT_NAME)
     parser.add_argument("--sections", default="dwt,network_per_nfe,synthesis,train_step,loader,host_audit",
                         help="comma-separated sections to run")
     args = parser.parse_args(argv)
@@ -469,11 +470,12 @@ def main(argv=None) -> int:
             section(results, name, jobs[name])
     results["total_seconds"] = time.perf_counter() - suite_start
     results["summary"] = summary(results)
-    save_json(results, args.out)
+    out = output_path(args, RESULT_NAME)
+    save_json(results, out)
     print(json.dumps(results["summary"], indent=2))
     failed = [n for n in wanted if isinstance(results.get(n), dict) and "error" in results[n]]
     if failed:
-        print(f"[gpu_suite] sections failed: {failed} (see {args.out})", file=sys.stderr)
+        print(f"[gpu_suite] sections failed: {failed} (see {out})", file=sys.stderr)
         return 1
     return 0
 

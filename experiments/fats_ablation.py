@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS_DIR, machine  # noqa: E402
+from benchmarks.common import LOCAL_RESULTS_DIR, RESULTS_DIR, machine  # noqa: E402
 from guided_diffusion.bratsloader import BratsDataset, Geometry, discover_cases  # noqa: E402
 from guided_diffusion.conditioning import cond_modalities, modality_index  # noqa: E402
 from guided_diffusion.constants import MODALITIES, PRECISIONS  # noqa: E402
@@ -85,7 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(bf16 is ~5x faster on AMX CPUs)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, weights, noise")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--out", default=str(RESULTS_DIR), help="output folder")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: benchmarks/results/local, git-ignored; with --update_results the "
+                        "committed benchmarks/results)")
+    p.add_argument("--update_results", action="store_true", help="write into the committed benchmarks/results")
     p.add_argument("--work_dir", default=None, help="where data and checkpoints go (default: a temporary folder)")
     p.add_argument("--reuse", action="store_true",
                    help="reuse the models already trained in --work_dir (same settings) instead of training again")
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     model_cfg = TINY_MODEL if args.quick else DEMO_MODEL
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="fats_ablation_"))
-    out_dir = Path(args.out)
+    out_dir = Path(args.out) if args.out else (RESULTS_DIR if args.update_results else LOCAL_RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     start_all = time.perf_counter()
 

@@ -43,7 +43,8 @@ if str(REPO_ROOT) not in sys.path:
 from guided_diffusion.fileio import save_json  # noqa: E402
 from mutants import MUTANTS, Mutant  # noqa: E402
 
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "mutation.json"
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "mutation.json"  # the committed report
+LOCAL_OUT = REPO_ROOT / "benchmarks" / "results" / "local" / "mutation.json"  # a run's default (git-ignored)
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "*.egg-info", "runs",
                                      "demo_data", "demo_runs", "outputs", "results")
 KILLED, SURVIVED, STALE = "killed", "survived", "stale"
@@ -158,17 +159,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="only the fast subset (mutants marked quick)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="only these mutants")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"report JSON (default {DEFAULT_OUT})")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"report JSON (default {LOCAL_OUT}, git-ignored; --update_results: the committed {DEFAULT_OUT})")
+    p.add_argument("--update_results", action="store_true", help=f"write the committed {DEFAULT_OUT}")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per test run (a timeout kills)")
     p.add_argument("--min_score", type=float, default=0.9, help="exit 1 below this score")
     p.add_argument("--keep", action="store_true", help="keep the scratch copy (its path is printed)")
     args = p.parse_args(argv)
     command = " ".join(["python", "tools/mutation/harness.py", *(sys.argv[1:] if argv is None else argv)])
     result = run(select(args.quick, args.only), timeout=args.timeout, keep=args.keep, command=command)
-    save_json(result, args.out)
+    out = args.out or (DEFAULT_OUT if args.update_results else LOCAL_OUT)
+    save_json(result, out)
     print(f"score {result['score']}: {len(result['killed'])} killed, {len(result['survived'])} survived "
           f"{[s['name'] for s in result['survived']]}, {len(result['stale'])} stale {result['stale']}, "
-          f"{len(result['equivalent'])} equivalent; {result['seconds']:.0f} s -> {args.out}")
+          f"{len(result['equivalent'])} equivalent; {result['seconds']:.0f} s -> {out}")
     ok = not result["stale"] and result["score"] is not None and result["score"] >= args.min_score
     return 0 if ok else 1
 
