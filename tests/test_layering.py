@@ -25,8 +25,7 @@ LAYERS: dict[str, int] = {
     "DWT_IDWT": 0, "DWT_IDWT.haar": 0, "DWT_IDWT.subbands": 0,
     "guided_diffusion": 0, "guided_diffusion.constants": 0, "guided_diffusion.fileio": 0,
     "guided_diffusion.seeding": 0, "guided_diffusion.extras": 0, "guided_diffusion.runinfo": 0,
-    "guided_diffusion.provenance": 0,
-    "guided_diffusion.runlock": 0,
+    "guided_diffusion.provenance": 0, "guided_diffusion.runlock": 0,
     # 1: data and building blocks
     "guided_diffusion.config": 1, "guided_diffusion.schedules": 1, "guided_diffusion.unet": 1,
     "guided_diffusion.conditioning": 1, "guided_diffusion.fats": 1,
