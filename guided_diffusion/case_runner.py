@@ -158,6 +158,20 @@ def merge_reports(reports: Sequence[dict], list_keys: Sequence[str], order: Sequ
     return merged
 
 
+def collect(ranks: Ranks, items: list, failures: list, key: str, order: Sequence[str]) -> bool:
+    """Gather every rank's ``items`` (the ``key`` list of its report) and ``failures``; on rank 0
+    both lists are replaced in place by all ranks' (:func:`merge_reports`, case ``order``) and True
+    is returned; the other ranks return False once rank 0 is done (:func:`finish`). Rank 0 calls
+    :func:`finish` after it has written the merged files."""
+    reports = gather_reports(ranks, {key: list(items), "failures": [str(f) for f in failures]})
+    if not ranks.is_main:
+        finish(ranks)
+        return False
+    merged = merge_reports(reports, [key], order)
+    items[:], failures[:] = merged[key], merged["failures"]
+    return True
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of a whole file (``hashlib.file_digest``), hex."""
     with open(path, "rb") as fh:

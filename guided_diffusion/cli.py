@@ -294,9 +294,17 @@ def check_output_dir(out_dir: str | os.PathLike, inputs: list[Path] = (), *, inp
     return out
 
 
-def case_error(err: BaseException, path: str | os.PathLike) -> CaseError:
+def case_error(err: BaseException, path: str | os.PathLike, log: logging.Logger | None = None) -> CaseError:
     """Any error of one case as a one-line :class:`CaseError` naming a file: the file an OSError
-    names (e.g. the output, for ENOSPC / EROFS), else ``path``; a ``CaseError`` stays as it is."""
+    names (e.g. the output, for ENOSPC / EROFS), else ``path``; a ``CaseError`` stays as it is.
+    With ``log``, the line is also logged as an error."""
+    line = _case_error(err, path)
+    if log is not None:
+        log.error("%s", line)
+    return line
+
+
+def _case_error(err: BaseException, path: str | os.PathLike) -> CaseError:
     if isinstance(err, CaseError):
         return err
     if isinstance(err, FileExistsError) and err.filename and Path(err.filename) == Path(path):

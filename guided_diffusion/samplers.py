@@ -41,6 +41,19 @@ def _step_pairs(steps: list[int], x: torch.Tensor):
         yield i, torch.full((b,), t, dtype=torch.long), torch.full((b,), s, dtype=torch.long)
 
 
+def _index_tables(steps: list[int], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(K,) step indices t and the next step s (-1 after the last) on the host, and t on x's device
+    (moved once: no copy per step)."""
+    t_table = torch.tensor(steps, dtype=torch.long)
+    return t_table, torch.tensor(steps[1:] + [-1], dtype=torch.long), t_table.to(x.device)
+
+
+def _denoise(denoiser: Denoiser, clip: Clip | None, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The (clipped) x0 estimate at step t."""
+    pred_x0 = denoiser(x, t)
+    return clip(pred_x0) if clip is not None else pred_x0
+
+
 def ddpm_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, timesteps: Sequence[int] | None = None,
                 *, generator: Generators = None, clip: Clip | None = None, callback: Callback | None = None,
                 variance: str = "large") -> torch.Tensor:
@@ -53,15 +66,11 @@ def ddpm_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, 
     x = x_T
     # Per-step tables, moved to the device once: (K, C) coefficients and the step indices, so the
     # loop makes no host-device copy (each a synchronisation on CUDA).
-    t_table = torch.tensor(steps, dtype=torch.long)
-    s_table = torch.tensor(steps[1:] + [-1], dtype=torch.long)
+    t_table, s_table, t_device = _index_tables(steps, x)
     coefs = [c.to(device=x.device, dtype=x.dtype) for c in ddpm_coefficients(schedule, t_table, s_table, variance)]
-    t_device = t_table.to(x.device)
     b = x.shape[0]
     for i, t, s in _step_pairs(steps, x):
-        pred_x0 = denoiser(x, t_device[i].expand(b))
-        if clip is not None:
-            pred_x0 = clip(pred_x0)
+        pred_x0 = _denoise(denoiser, clip, x, t_device[i].expand(b))
         noise = randn(x.shape, generator, x.device, x.dtype) if s[0] >= 0 else None
         x = ddpm_update(x, pred_x0, *(c[i].expand(b, -1) for c in coefs), noise)
         if callback is not None:
@@ -84,16 +93,12 @@ def ddim_sample(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, 
     x = x_T
     # Per-step tables, moved to the device once (not two copies, each a sync on CUDA, per step):
     # (K, C) alpha_bar at t and at s (s = -1 after the last step), and the step indices.
-    t_table = torch.tensor(steps, dtype=torch.long)
-    s_table = torch.tensor(steps[1:] + [-1], dtype=torch.long)
+    t_table, s_table, t_device = _index_tables(steps, x)
     ab_t_table = schedule.alpha_bar_at(t_table).to(device=x.device, dtype=x.dtype)
     ab_s_table = schedule.alpha_bar_at(s_table).to(device=x.device, dtype=x.dtype)
-    t_device = t_table.to(x.device)
     b = x.shape[0]
     for i, t, s in _step_pairs(steps, x):
-        pred_x0 = denoiser(x, t_device[i].expand(b))
-        if clip is not None:
-            pred_x0 = clip(pred_x0)
+        pred_x0 = _denoise(denoiser, clip, x, t_device[i].expand(b))
         if s[0] >= 0:
             noise = randn(x.shape, generator, x.device, x.dtype) if eta > 0 else None
             x = ddim_step(x, pred_x0, ab_t_table[i].expand(b, -1), ab_s_table[i].expand(b, -1), eta=eta, noise=noise)

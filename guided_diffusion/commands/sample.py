@@ -171,15 +171,9 @@ def main(argv=None) -> int:
             failures.append(CaseError(out_path, f"not done: {err or 'interrupted'}"))
             break
         except Exception as err:  # any problem of one case is one line; the batch goes on
-            err = cli.case_error(err, out_path)
-            failures.append(err)
-            logger.error("%s", err)
-    reports = case_runner.gather_reports(ranks, {"records": records, "failures": [str(f) for f in failures]})
-    if not ranks.is_main:  # rank 0 writes the results and returns the exit code of all ranks
-        case_runner.finish(ranks)
-        return cli.EXIT_OK
-    merged = case_runner.merge_reports(reports, ["records"], order)
-    records, failures = merged["records"], merged["failures"]
+            failures.append(cli.case_error(err, out_path, log=logger))
+    if not case_runner.collect(ranks, records, failures, "records", order):  # rank 0 writes the results
+        return cli.EXIT_OK  # and returns the exit code of all ranks
     meta = {"checkpoint": args.checkpoint, "target_modality": args.target, "sample_config": cfg.to_dict(),
             "timesteps": timesteps, "nfe": len(timesteps), "timesteps_origin": timesteps_origin, "device": str(device),
             "model_config": loaded.model_config.to_dict(), "diffusion_config": loaded.diffusion_config.to_dict(),

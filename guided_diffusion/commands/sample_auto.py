@@ -146,6 +146,8 @@ def main(argv=None) -> int:
                             "timesteps_origin": origin})
             if journal:
                 journal.record(out_path, settings[target], written[-1])
+        except Exception as err:  # any problem of one case is one line; the batch goes on
+            failures.append(cli.case_error(err, out_path, log=logger))
         except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the temporary file is gone; report what was done
             interrupted = err
             if out_path.exists() and not any(w["output"] == str(out_path) for w in written):  # absent at the start
@@ -154,16 +156,8 @@ def main(argv=None) -> int:
             else:
                 failures.append(CaseError(out_path, f"not done: {err or 'interrupted'}"))
             break
-        except Exception as err:  # any problem of one case is one line; the batch goes on
-            err = cli.case_error(err, out_path)
-            failures.append(err)
-            logger.error("%s", err)
-    reports = case_runner.gather_reports(ranks, {"completed": written, "failures": [str(f) for f in failures]})
-    if not ranks.is_main:  # rank 0 writes the report and returns the exit code of all ranks
-        case_runner.finish(ranks)
-        return cli.EXIT_OK
-    merged = case_runner.merge_reports(reports, ["completed"], order)
-    written, failures = merged["completed"], merged["failures"]
+    if not case_runner.collect(ranks, written, failures, "completed", order):  # rank 0 writes the report
+        return cli.EXIT_OK  # and returns the exit code of all ranks
     if written or interrupted:
         save_json({"completed": written, "interrupted": (str(interrupted) or "interrupted") if interrupted else None, "models": sources, "model_provenance": provenance,
                    "background": cli.background_note(args.keep_background), "run": run_info(),
