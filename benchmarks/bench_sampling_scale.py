@@ -19,7 +19,7 @@ Threads per process: ``OMP_NUM_THREADS`` (torch's intra-op threads) as listed.
 Run:
   python benchmarks/bench_sampling_scale.py                      # CPU: 1x1, 1x2 and 2x1 (processes x threads)
   python benchmarks/bench_sampling_scale.py --device cuda --configs 1x8 2x8   # one process per GPU
-Results: benchmarks/results/sampling_scale.json, under the key "<device>/size<size>/nfe<nfe>".
+Results: benchmarks/results/local/sampling_scale.json (--update_results: the committed file), under the key "<device>/size<size>/nfe<nfe>".
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.common import RESULTS_DIR, merge_result  # noqa: E402
+from benchmarks.common import add_output_arguments, merge_result, output_path  # noqa: E402
 from guided_diffusion.bratsloader import Geometry  # noqa: E402
 from guided_diffusion.demo_data import make_demo_dataset  # noqa: E402
 
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--configs", nargs="+", default=["1x1", "1x2", "2x1"],
                    help="PROCESSESxTHREADS configurations; the first one is the reference for same_bytes")
     p.add_argument("--seed", type=int, default=0, help="seed of the demo data")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR / "sampling_scale.json")
+    add_output_arguments(p, "sampling_scale.json")
     return p.parse_args(argv)
 
 
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     entry = {"size": args.size, "nfe": args.nfe, "device": args.device, "cases": args.cases,
              "includes": "the whole sample.py command: start-up, model loading, loading and writing every case, "
                          "metrics, the merged report", "configs": rows}
-    path = merge_result(args.out, f"{args.device}/size{args.size}/nfe{args.nfe}", entry)
+    path = merge_result(output_path(args, "sampling_scale.json"), f"{args.device}/size{args.size}/nfe{args.nfe}", entry)
     print(f"wrote {path}")
     return 0
 
