@@ -306,14 +306,13 @@ def constant_work_findings(ddim_audit: dict, ddpm_audit: dict) -> dict:
         "ddpm_host_to_device_copies_per_step": total(ddpm_audit, "host_to_device_copy"),
         "ddpm_host_to_device_bytes_per_step": ddpm_audit["host_to_device_bytes_per_step"],
         "ddpm_host_noise_draw_seconds_per_step": ddpm_audit.get("host_noise_draw_seconds_per_step"),
-        "note": ("On CUDA each host->device copy from pageable memory is cudaMemcpyAsync + cudaStreamSynchronize. "
-                 "Constant per step yet copied every step: the Haar filter bank (rebuilt in float64 on the host "
-                 "by every dwt3/idwt3, twice per step in the clipping), alpha_bar(t) and alpha_bar(s) (DDIM) or "
-                 "the posterior coefficients (DDPM) from the float64 host table (re-padded with torch.cat on "
-                 "every alpha_bar_at call), and the step index t (make_denoiser). DDPM with CPU generators also "
-                 "draws each step's noise on the host and copies the full noise volume. The conditioning "
-                 "subbands are computed once per volume; only the torch.cat that builds the network input "
-                 "reads them each step."),
+        "note": ("Audited on the meta device, which cannot hold a torch.Generator: the per-case generators are "
+                 "CPU ones here, so DDPM's per-step noise shows up as one host->device copy. On CUDA the "
+                 "synthesis keeps the generators on the GPU, and the audit on the real device counts 0 copies "
+                 "per step for DDIM and DDPM (benchmarks/gpu_suite.py, host_audit). The step tables (alpha_bar "
+                 "or the DDPM coefficients, and the step indices) are moved to the device once per volume; the "
+                 "conditioning subbands are computed once per volume and only read by the torch.cat that "
+                 "builds the network input."),
     }
 
 
