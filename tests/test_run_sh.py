@@ -3,6 +3,7 @@ records its arguments instead of running anything (PYTHON=<stub>)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,11 +24,25 @@ fi
 """
 
 
+def make_stub(path: Path, text: str = STUB) -> Path:
+    """An executable stand-in interpreter at ``path`` (``text``: its bash script)."""
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def copy_run_sh(root: Path) -> Path:
+    """run.sh and the script it sources, copied into ``root`` (runs that write next to run.sh,
+    e.g. the demo's folders, then write nothing into the repository). Returns the copied run.sh."""
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "run.sh", root / "run.sh")
+    shutil.copy(REPO_ROOT / "scripts" / "ensure_env.sh", root / "scripts" / "ensure_env.sh")
+    return root / "run.sh"
+
+
 @pytest.fixture
 def run_sh(tmp_path):
-    stub = tmp_path / "python"
-    stub.write_text(STUB)
-    stub.chmod(0o755)
+    stub = make_stub(tmp_path / "python")
     data = tmp_path / "brats"
     (data / "case1").mkdir(parents=True)
     (data / "case1" / "case1-t1n.nii.gz").write_bytes(b"")  # run.sh only looks for the names

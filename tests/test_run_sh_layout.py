@@ -5,25 +5,19 @@ files with a stub interpreter that records its arguments (nothing is written int
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import pytest
 
-from conftest import REPO_ROOT
-from test_run_sh import RUN_SH_VARIABLES, SEP, STUB
+from test_run_sh import RUN_SH_VARIABLES, SEP, copy_run_sh, make_stub
 
 
 @pytest.fixture
 def run_copy(tmp_path):
     """``run(*args, data=<folder under the copy>)`` -> (result, calls)."""
     root = tmp_path / "repo"
-    (root / "scripts").mkdir(parents=True)
-    shutil.copy(REPO_ROOT / "run.sh", root / "run.sh")
-    shutil.copy(REPO_ROOT / "scripts" / "ensure_env.sh", root / "scripts" / "ensure_env.sh")
-    stub, log = tmp_path / "python", tmp_path / "calls.log"
-    stub.write_text(STUB)
-    stub.chmod(0o755)
+    run_sh = copy_run_sh(root)
+    stub, log = make_stub(tmp_path / "python"), tmp_path / "calls.log"
 
     def add_case(folder: str) -> None:
         case = root / folder / "case1"
@@ -34,7 +28,7 @@ def run_copy(tmp_path):
         env = {k: v for k, v in os.environ.items() if k not in RUN_SH_VARIABLES}
         env.update(PYTHON=str(stub), STUB_LOG=str(log))
         log.unlink(missing_ok=True)
-        result = subprocess.run(["bash", str(root / "run.sh"), *args], env=env, capture_output=True, text=True,
+        result = subprocess.run(["bash", str(run_sh), *args], env=env, capture_output=True, text=True,
                                 timeout=60)
         calls = [line.split(SEP) for line in log.read_text().splitlines()] if log.exists() else []
         return result, calls

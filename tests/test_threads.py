@@ -3,14 +3,13 @@ for run.sh (``--threads N`` exports OMP_NUM_THREADS to every step)."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT
 from guided_diffusion.commands import sample, train
+from test_run_sh import copy_run_sh, make_stub
 
 
 @pytest.fixture
@@ -35,17 +34,13 @@ def test_threads_flag_sets_torch_threads(command, restore_threads):
 
 
 def test_run_sh_threads_reaches_every_step(tmp_path):
-    root = tmp_path / "repo"
-    (root / "scripts").mkdir(parents=True)
-    shutil.copy(REPO_ROOT / "run.sh", root / "run.sh")
-    shutil.copy(REPO_ROOT / "scripts" / "ensure_env.sh", root / "scripts" / "ensure_env.sh")
+    run_sh = copy_run_sh(tmp_path / "repo")
     stub, log = tmp_path / "python", tmp_path / "calls.log"
-    stub.write_text('#!/usr/bin/env bash\n[ "$1" = "-c" ] && { echo 0; exit 0; }\n'
+    make_stub(stub, '#!/usr/bin/env bash\n[ "$1" = "-c" ] && { echo 0; exit 0; }\n'
                     'echo "$1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}" >> "$STUB_LOG"\n')
-    stub.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "DATA_DIR", "PRESET", "MODE")}
     env.update(PYTHON=str(stub), STUB_LOG=str(log))
-    result = subprocess.run(["bash", str(root / "run.sh"), "--threads", "3"], env=env, capture_output=True,
+    result = subprocess.run(["bash", str(run_sh), "--threads", "3"], env=env, capture_output=True,
                             text=True, timeout=60)  # no data: the demo (make data, train, sample)
     assert result.returncode == 0, result.stderr
     lines = log.read_text().splitlines()
