@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from .bratsloader import CaseError
 from .fileio import save_json
+from .provenance import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -170,12 +171,6 @@ def collect(ranks: Ranks, items: list, failures: list, key: str, order: Sequence
     merged = merge_reports(reports, [key], order)
     items[:], failures[:] = merged[key], merged["failures"]
     return True
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a whole file (``hashlib.file_digest``), hex."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def settings_digest(settings: Mapping[str, Any]) -> str:

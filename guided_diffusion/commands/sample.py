@@ -127,12 +127,12 @@ def main(argv=None) -> int:
     order, share = [c.case_id for c in cases], case_runner.split_cases(cases, ranks)
     failures = failures if ranks.is_main else []  # every rank found the same bad cases: rank 0 reports them
     journal = case_runner.CaseJournal(out_dir) if args.resume else None
+    model_record = model_provenance(loaded, args.checkpoint, model_path, cfg)  # hashes the checkpoint once
     settings = case_runner.settings_digest({
-        "model_sha256": case_runner.file_sha256(loaded.source) if journal else None, "target": args.target,
+        "model_sha256": model_record["sha256"] if journal else None, "target": args.target,
         "sample_config": cfg.to_dict(), "timesteps": timesteps, "keep_background": args.keep_background})
     records, figure, interrupted = [], None, None
-    description = synthesis_description(args.target, cfg.sampler, len(timesteps),
-                                        case_runner.file_sha256(model_path))
+    description = synthesis_description(args.target, cfg.sampler, len(timesteps), model_record["sha256"])
     figure_wanted = ranks.is_main and not (args.resume and (out_dir / "slice.png").exists())
     target_idx = modality_index(args.target)
     for case in tqdm(share, desc=f"sample {args.target}", dynamic_ncols=True):
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
             "model_config": loaded.model_config.to_dict(), "diffusion_config": loaded.diffusion_config.to_dict(),
             "metrics_grid": "network grid (cropped/padded), BraSyn normalisation", "evaluated_on": evaluated_on,
             "background": cli.background_note(args.keep_background),
-            "model": model_provenance(loaded, args.checkpoint, model_path, cfg), "run": run_info()}
+            "model": model_record, "run": run_info()}
     save_json(meta, out_dir / "sample_config.json")
     if records:
         summary = write_metrics(out_dir, records, meta)

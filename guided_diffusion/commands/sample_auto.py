@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     failures = failures if ranks.is_main else []  # every rank found the same bad cases: rank 0 reports them
     journal = case_runner.CaseJournal(out_dir) if args.resume else None
     settings = {mod: case_runner.settings_digest({
-        "model_sha256": case_runner.file_sha256(models[mod].source) if journal else None, "target": mod,
+        "model_sha256": provenance[mod]["sha256"] if journal else None, "target": mod,
         "sample_config": configs[mod].to_dict(),
         "timesteps": plan_timesteps(models[mod].schedule, models[mod].fats_state, configs[mod].nfe)[0],
         "keep_background": args.keep_background}) for mod in models}
