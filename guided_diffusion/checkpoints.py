@@ -137,9 +137,7 @@ def infer_cwdm_model_config(state: dict[str, torch.Tensor], num_groups: int = CW
                 "arguments the weights were trained with, num_groups included, in --cwdm_args FILE or a "
                 "<weights>.json beside them)")
             continue
-        with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
-        if expected == {k: tuple(v.shape) for k, v in state.items()}:
+        if parameter_shapes(cfg) == {k: tuple(v.shape) for k, v in state.items()}:
             return cfg
     raise CheckpointError(f"state dict does not match any cWDM UNet layout (1-4 res blocks per level){group_problem}")
 
@@ -290,14 +288,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
     return LoadedModel(model, model_cfg, diff_cfg, schedule, str(path), step, extra, target)
 
 
+def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every weight of the UNet ``cfg`` describes, built on the meta device (no
+    memory is allocated, whatever size the config asks for)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+
+
 def check_weights_fit(path: str | Path, model_cfg: ModelConfig, weights: Any) -> None:
     """Build the model on the meta device (no memory) and compare every parameter's shape with the
     stored weights, so that a small file whose config asks for a huge model allocates nothing."""
     if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
         raise CheckpointError(f"{path}: the stored weights are not a dict of tensors")
     try:
-        with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in build_model(model_cfg).state_dict().items()}
+        expected = parameter_shapes(model_cfg)
     except (ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: its model config cannot be built ({err})") from None
     found = {k: tuple(v.shape) for k, v in weights.items()}
