@@ -8,6 +8,8 @@ reproduces (the golden and reproducibility tests pin them):
 * :func:`derive_seed` mixes integers (the training loop: batch order, timesteps, noise, weights);
 * :func:`case_seed` / :func:`case_generator`: the sampling noise of one case, keyed by its id, so a
   case's synthesis does not depend on its batch or on the other cases;
+* :func:`sample_seed` / :func:`sample_generator`: the noise of sample ``m`` of a case's ensemble
+  (``--num_samples``); sample 0 is the case's own :func:`case_seed`;
 * :func:`case_seed_words`: the numpy ``SeedSequence`` entropy of one demo case (demo data,
   dropped modalities);
 * :func:`indexed_generator`: the starting noise of the i-th held-out case in the FATS timestep
@@ -45,6 +47,20 @@ def case_seed(seed: int, case_id: str) -> int:
 def case_generator(seed: int, case_id: str, device: str | torch.device = "cpu") -> torch.Generator:
     """One generator per case on ``device``, seeded with :func:`case_seed` (batch-independent)."""
     return torch.Generator(device).manual_seed(case_seed(seed, case_id))
+
+
+def sample_seed(seed: int, case_id: str, index: int) -> int:
+    """The 63-bit seed of sample ``index`` of one case's ensemble: :func:`case_seed` for sample 0
+    (the single-sample noise), ``derive_seed(case_seed(seed, case_id), index)`` for the others."""
+    if index < 0:
+        raise ValueError(f"sample_seed: sample index {index} is negative")
+    base = case_seed(seed, case_id)
+    return base if index == 0 else derive_seed(base, index)
+
+
+def sample_generator(seed: int, case_id: str, index: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """One generator per (case, sample index) on ``device``, seeded with :func:`sample_seed`."""
+    return torch.Generator(device).manual_seed(sample_seed(seed, case_id, index))
 
 
 def case_seed_words(seed: int, case_id: str) -> list[int]:

@@ -18,7 +18,7 @@ from .config import SampleConfig
 from .diffusion import make_denoiser, randn
 from .samplers import get_sampler
 from .schedules import NoiseSchedule
-from .seeding import case_generator
+from .seeding import case_generator, sample_generator
 from .timesteps import plan_timesteps
 
 
@@ -37,7 +37,8 @@ def compile_once(model: torch.nn.Module) -> None:
 @torch.no_grad()
 def synthesize_volumes(model: torch.nn.Module, schedule: NoiseSchedule, volumes: torch.Tensor, target: str,
                        cfg: SampleConfig, case_ids: Sequence[str], timesteps: Sequence[int],
-                       callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+                       callback: Callable[[dict], None] | None = None,
+                       sample_indices: Sequence[int] | None = None) -> torch.Tensor:
     """The synthesis pipeline on tensors: conditioning DWT (once), x_T from each case's generator,
     the sampler ``cfg.sampler`` (with ``cfg.eta``, ``cfg.precision``, cWDM's clipping when
     ``cfg.clip_denoised``) over ``timesteps``, IDWT, clamp to [0, 1].
@@ -49,16 +50,22 @@ def synthesize_volumes(model: torch.nn.Module, schedule: NoiseSchedule, volumes:
         case_ids: B ids; each case's noise comes from its own generator (``cfg.seed``, case id).
         timesteps: strictly decreasing schedule step indices (one network evaluation each).
         callback: the sampler's per-step callback, called for every case.
+        sample_indices: B ensemble sample indices (``guided_diffusion.ensembles``): item i's noise
+            is sample ``sample_indices[i]`` of its case (``seeding.sample_generator``; sample 0 is the
+            case's own noise) and the whole batch goes through ONE sampler call.
     Returns:
         (B, X, Y, Z) float32 synthesis in [0, 1] on the network grid, on the model's device.
 
     The cases are sampled one at a time: batched kernels (oneDNN convolutions, GEMMs) round
     differently for different batch sizes, so only this makes a case's result independent of the
-    batch it is in bit for bit (its noise already is).
+    batch it is in bit for bit (its noise already is). With ``sample_indices`` the batch is one
+    sampler call, so a sample's bits depend on the batch size (reproducible for the same batch).
     """
     if len(case_ids) != volumes.shape[0]:
         raise ValueError(f"synthesize: {len(case_ids)} case ids for a batch of {volumes.shape[0]}")
-    if volumes.shape[0] > 1:
+    if sample_indices is not None and len(sample_indices) != len(case_ids):
+        raise ValueError(f"synthesize: {len(sample_indices)} sample indices for {len(case_ids)} case ids")
+    if volumes.shape[0] > 1 and sample_indices is None:
         return torch.cat([synthesize_volumes(model, schedule, volumes[i : i + 1], target, cfg, case_ids[i : i + 1],
                                              timesteps, callback) for i in range(volumes.shape[0])])
     device = next(model.parameters()).device
@@ -69,7 +76,9 @@ def synthesize_volumes(model: torch.nn.Module, schedule: NoiseSchedule, volumes:
     denoiser = make_denoiser(model, schedule, cond, precision=cfg.precision)
     # On a GPU the generators live there too (no host-to-device copy of noise per step): a case's
     # sample is reproducible for each device type, and the CPU's is the same as ever.
-    generators = [case_generator(cfg.seed, cid, device if device.type == "cuda" else "cpu") for cid in case_ids]
+    generator_device = device if device.type == "cuda" else "cpu"
+    generators = ([case_generator(cfg.seed, cid, generator_device) for cid in case_ids] if sample_indices is None else
+                  [sample_generator(cfg.seed, cid, m, generator_device) for cid, m in zip(case_ids, sample_indices)])
     x_T = randn((volumes.shape[0], schedule.n_bands, *cond.shape[2:]), generators, device)
     options = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
     x0 = get_sampler(cfg.sampler)(denoiser, schedule, x_T, timesteps, generator=generators,
@@ -80,11 +89,12 @@ def synthesize_volumes(model: torch.nn.Module, schedule: NoiseSchedule, volumes:
 
 def synthesize(loaded: LoadedModel, volumes: torch.Tensor, target: str, cfg: SampleConfig,
                case_ids: Sequence[str], timesteps: Sequence[int] | None = None,
-               callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+               callback: Callable[[dict], None] | None = None,
+               sample_indices: Sequence[int] | None = None) -> torch.Tensor:
     """:func:`synthesize_volumes` with a loaded checkpoint's model and schedule; the timesteps are
     :func:`~guided_diffusion.timesteps.plan_timesteps` of ``cfg.nfe`` and the stored FATS state
     unless given. Returns (B, X, Y, Z) float32 in [0, 1] on the CPU."""
     if timesteps is None:
         timesteps, _ = plan_timesteps(loaded.schedule, loaded.fats_state, cfg.nfe)
     return synthesize_volumes(loaded.model, loaded.schedule, volumes, target, cfg, case_ids, timesteps,
-                              callback).cpu()
+                              callback, sample_indices).cpu()

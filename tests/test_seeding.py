@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from guided_diffusion.seeding import (case_generator, case_seed, case_seed_words, case_subset, derive_seed,
-                                      indexed_generator)
+                                      indexed_generator, sample_generator, sample_seed)
 
 
 @pytest.mark.parametrize("parts, expected", [
@@ -59,3 +59,19 @@ def test_case_subset_is_a_sorted_seeded_sample_or_everything():
     assert case_subset(10, 4, seed=3) == [0, 3, 6, 7]
     assert case_subset(5, 0, seed=3) == case_subset(5, 5, seed=3) == case_subset(5, 9, seed=3) == [0, 1, 2, 3, 4]
     assert case_subset(10, 4, seed=4) != case_subset(10, 4, seed=3)
+
+
+def test_sample_seed_is_the_case_seed_for_sample_0_then_derived_from_it():
+    assert sample_seed(0, "BraTS-GLI-00000-000", 0) == case_seed(0, "BraTS-GLI-00000-000") == 3909131625
+    assert sample_seed(0, "BraTS-GLI-00000-000", 1) == 6582233843989636061  # derive_seed(3909131625, 1)
+    assert sample_seed(7, "case-a", 3) == 6582234031718390401  # derive_seed(3076808455, 3)
+    assert len({sample_seed(7, "case-a", m) for m in range(100)}) == 100
+    with pytest.raises(ValueError, match="negative"):
+        sample_seed(7, "case-a", -1)
+
+
+def test_sample_generator_draws_what_a_generator_seeded_with_sample_seed_draws():
+    sample_0 = torch.randn(5, generator=sample_generator(3, "c", 0))
+    assert torch.equal(sample_0, torch.randn(5, generator=case_generator(3, "c")))
+    reference = torch.Generator().manual_seed(sample_seed(3, "c", 2))
+    assert torch.equal(torch.randn(5, generator=sample_generator(3, "c", 2)), torch.randn(5, generator=reference))
