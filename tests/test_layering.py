@@ -38,7 +38,7 @@ LAYERS: dict[str, int] = {
     "guided_diffusion.checkpoints": 4, "guided_diffusion.synthesis": 4, "guided_diffusion.train_util": 4,
     "guided_diffusion.fats_training": 4, "guided_diffusion.bratsloader": 4, "guided_diffusion.metrics": 4,
     "guided_diffusion.demo_data": 4, "guided_diffusion.figures": 4, "guided_diffusion.presets": 4,
-    "guided_diffusion.volume_cache": 4, "guided_diffusion.case_runner": 4,
+    "guided_diffusion.volume_cache": 4, "guided_diffusion.case_runner": 4, "guided_diffusion.prob_metrics": 4,
     # 5: command line
     "guided_diffusion.cli": 5, "guided_diffusion.commands": 5,
 }
