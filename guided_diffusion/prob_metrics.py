@@ -358,6 +358,15 @@ def _msssim_scales(shape: Tuple[int, ...]) -> int:
     return 0
 
 
+def _bounding_box(mask: np.ndarray) -> Tuple[slice, ...]:
+    """The smallest box holding every True voxel of a non-empty 3D mask, as slices."""
+    box = []
+    for axis in range(mask.ndim):
+        occupied = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(occupied[0]), int(occupied[-1]) + 1))
+    return tuple(box)
+
+
 def msssim_diversity(samples: ArrayLike, mask: Optional[ArrayLike] = None, *, data_range: float = 1.0) -> float:
     """Mean over pairs m < m' of ``1 - MS-SSIM(x^m, x^m')`` on the mask's bounding box (3D).
 
@@ -381,9 +390,7 @@ def msssim_diversity(samples: ArrayLike, mask: Optional[ArrayLike] = None, *, da
     """
     x = _ensemble(samples, "samples", 2)
     m = _mask(mask, x.shape[1:])
-    lo = [int(np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax))).min()) for ax in range(3)]
-    hi = [int(np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax))).max()) + 1 for ax in range(3)]
-    box = x[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    box = x[(slice(None), *_bounding_box(m))]
     scales = _msssim_scales(box.shape[1:])
     if scales == 0:
         raise ValueError(f"the mask's bounding box {box.shape[1:]} is smaller than the {MSSSIM_KERNEL_SIZE}-voxel "

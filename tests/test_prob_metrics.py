@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.stats import norm
+from scipy.stats import norm, spearmanr
 
 from guided_diffusion import prob_metrics as pm
 from guided_diffusion.metrics import ssim3d
@@ -150,6 +150,20 @@ def test_spearman_is_a_rank_correlation():
     target = samples.mean(0) + std ** 3
     assert np.corrcoef(std.ravel(), std.ravel() ** 3)[0, 1] < 0.95
     assert pm.uncertainty_calibration(samples, target, None)["spearman"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_a_large_mask_is_subsampled_evenly_for_the_rank_correlation(monkeypatch):
+    """Above MAX_SPEARMAN_VOXELS the ranks come from every k-th mask voxel: the same value on every
+    call, equal to scipy's on that stride; the top-10% ratio still uses every voxel."""
+    samples, _, std = calibrated_by_construction()
+    target = samples.mean(0) + np.random.default_rng(11).standard_normal((10, 10, 10))
+    full = pm.uncertainty_calibration(samples, target, None)
+    monkeypatch.setattr(pm, "MAX_SPEARMAN_VOXELS", 300)
+    err = np.abs(samples.mean(0) - target).ravel()
+    first, second = (pm.uncertainty_calibration(samples, target, None) for _ in range(2))
+    assert first == second
+    assert first["spearman"] == pytest.approx(spearmanr(std.ravel()[::4], err[::4]).statistic, rel=1e-12)
+    assert first["spearman"] != full["spearman"] and first["top10_error_ratio"] == full["top10_error_ratio"]
 
 
 def test_uncertainty_calibration_of_an_unrelated_spread_is_near_zero_and_one():
