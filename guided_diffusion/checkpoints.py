@@ -265,7 +265,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
             weights = data["ema"] if use_ema and data.get("ema") else data["model"]
             step, extra = int(data.get("step", 0)), dict(data.get("extra") or {})
             target = (data["config"].get("train") or {}).get("target_modality")
-            schedule = NoiseSchedule.from_state_dict(data["schedule"]) if "schedule" in data else None
+            # a flow's path is a function of its config (factory.build_schedule); a schedule is stored
+            stored = "schedule" in data and diff_cfg.kind != "flow"
+            schedule = NoiseSchedule.from_state_dict(data["schedule"]) if stored else None
         except (KeyError, ValueError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{path}: malformed checkpoint field ({type(err).__name__}: {err})") from None
     else:

@@ -27,6 +27,7 @@ from .config import SampleConfig
 from .constants import MODALITIES, PRECISIONS, SAMPLERS
 from .extras import MissingExtraError
 from .presets import PRESETS
+from .samplers import check_sampler_fits
 
 logger = logging.getLogger("fastcwdm")
 
@@ -121,7 +122,8 @@ def add_sampling_arguments(parser: ArgumentParser) -> None:
     """Flags that override the sampling settings a checkpoint carries (``SampleConfig``)."""
     p = parser
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
-                   help="ddpm (ancestral) or ddim (deterministic with eta=0)")
+                   help="ddpm (ancestral) or ddim (deterministic with eta=0) for a diffusion model; euler for a "
+                        "flow-matching model (schedule kind flow)")
     p.add_argument("--nfe", type=int, default=None,
                    help="network evaluations per volume; 0 = the checkpoint's default "
                         "(learned FATS steps or all steps)")
@@ -233,6 +235,15 @@ def check_model_target(loaded, target: str, source: str) -> None:
     trained = loaded.target_modality
     if trained and trained != target and not loaded.model_config.num_modality_labels:
         raise CheckpointError(f"{source}: this model was trained to synthesise {trained}, not {target}")
+
+
+def check_sampler(cfg: SampleConfig, loaded, source: str) -> None:
+    """Refuse, before any case, a sampler that cannot sample this model (``samplers.check_sampler_fits``:
+    euler for a flow-matching model, ddpm / ddim for a diffusion model): CheckpointError naming ``source``."""
+    try:
+        check_sampler_fits(cfg.sampler, loaded.schedule)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}") from None
 
 
 def default_device(name: str | None) -> torch.device:

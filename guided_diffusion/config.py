@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .constants import FATS_BASES, MODALITIES, PRECISIONS, REFERENCE_STEPS, SAMPLERS, SCHEDULE_KINDS
+from .constants import FLOW_SOURCES
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,10 @@ class DiffusionConfig(_JsonConfig):
     kind: ``linear`` (cWDM, ``num_train_steps`` = 1000 only), ``cosine``, ``fast_direct`` (the
     linear schedule rescaled to ``num_train_steps``), ``fast_sampled`` (Fast-DDPM's uniform choice:
     ``fast_intervals`` + 1 points of the ``num_train_steps``-long linear curve, t = 0 included;
-    the only kind that takes ``fast_intervals``), ``fats`` (per-band shifts of ``fats_base``).
+    the only kind that takes ``fast_intervals``), ``fats`` (per-band shifts of ``fats_base``),
+    ``flow`` (flow matching from the mean of the conditions on a ``num_train_steps``-point time
+    grid, starting at ``flow_source`` plus ``source_noise`` (sigma_src) times Gaussian noise; the
+    only kind that takes ``source_noise``; docs/flow_matching.md).
 
     Old configs spelled ``num_train_steps`` as ``steps`` (and, for ``fast_sampled``, meant
     ``fast_intervals`` by it); :meth:`from_dict` maps them with a deprecation note.
@@ -135,6 +139,8 @@ class DiffusionConfig(_JsonConfig):
     band_shifts: tuple[float, ...] = field(default_factory=tuple)  # FATS log-SNR shifts, one per band
     max_shift: float = 4.0
     fats_base: str = "linear"  # FATS base log-SNR curve: "linear" (with beta_start/end) or "cosine"
+    flow_source: str = "cond_mean"  # kind flow: where the flow starts (constants.FLOW_SOURCES)
+    source_noise: float = 0.0  # kind flow: sigma_src, 0 = the deterministic start
 
     @classmethod
     def _upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -170,6 +176,14 @@ class DiffusionConfig(_JsonConfig):
             raise ConfigError(f"DiffusionConfig: |band_shifts| must be <= max_shift={self.max_shift}: {self.band_shifts}")
         if self.fats_base not in FATS_BASES:
             raise ConfigError(f"DiffusionConfig: fats_base must be one of {FATS_BASES}, got {self.fats_base!r}")
+        if self.flow_source not in FLOW_SOURCES:
+            raise ConfigError(f"DiffusionConfig: flow_source must be one of {FLOW_SOURCES}, got {self.flow_source!r}")
+        if not (isinstance(self.source_noise, (int, float)) and 0.0 <= self.source_noise < float("inf")):
+            raise ConfigError(f"DiffusionConfig: source_noise (sigma_src) must be a finite number >= 0, got "
+                              f"{self.source_noise!r}")
+        if self.source_noise and self.kind != "flow":
+            raise ConfigError(f"DiffusionConfig: source_noise is only used with kind 'flow', got {self.source_noise} "
+                              f"with kind {self.kind!r}")
 
 
 @dataclass(frozen=True)

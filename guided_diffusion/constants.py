@@ -14,11 +14,16 @@ tensor holds them in this order along its channel axis."""
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 """Network precisions: float32, or bfloat16 autocast of the network (the denoiser decides)."""
 
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
-"""Sampler names (ancestral DDPM, DDIM with eta)."""
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "euler")
+"""Sampler names (ancestral DDPM, DDIM with eta; Euler integration of a flow, kind ``flow`` only)."""
 
-SCHEDULE_KINDS: tuple[str, ...] = ("linear", "cosine", "fast_direct", "fast_sampled", "fats")
-"""Noise schedule kinds a ``DiffusionConfig`` may name (built by ``factory.build_schedule``)."""
+SCHEDULE_KINDS: tuple[str, ...] = ("linear", "cosine", "fast_direct", "fast_sampled", "fats", "flow")
+"""Noise schedule kinds a ``DiffusionConfig`` may name (built by ``factory.build_schedule``); ``flow`` is
+flow matching from the mean of the conditions (``flow.FlowPath``, docs/flow_matching.md)."""
+
+FLOW_SOURCES: tuple[str, ...] = ("cond_mean",)
+"""Where a flow starts (``DiffusionConfig.flow_source``): ``cond_mean``, the mean of the conditioning
+modalities' subbands (``flow.cond_mean_source``)."""
 
 FATS_BASES: tuple[str, ...] = ("linear", "cosine")
 """Base log-SNR curves a FATS schedule shifts per band."""

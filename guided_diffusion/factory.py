@@ -11,10 +11,11 @@ from typing import Callable
 
 from .config import DiffusionConfig, ModelConfig
 from .constants import FATS_BASES
+from .flow import FlowPath
 from .schedules import NoiseSchedule, cosine, fast_sampled, linear, per_band_schedule
 from .unet import UNet3D
 
-ScheduleBuilder = Callable[[DiffusionConfig], NoiseSchedule]
+ScheduleBuilder = Callable[[DiffusionConfig], NoiseSchedule | FlowPath]
 
 
 def build_model(cfg: ModelConfig) -> UNet3D:
@@ -22,8 +23,9 @@ def build_model(cfg: ModelConfig) -> UNet3D:
     return UNet3D(cfg)
 
 
-def build_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
-    """The noise schedule a diffusion config describes, built by its kind's registered builder."""
+def build_schedule(cfg: DiffusionConfig) -> NoiseSchedule | FlowPath:
+    """The noise schedule a diffusion config describes, built by its kind's registered builder
+    (for kind ``flow`` the flow's path, :class:`~guided_diffusion.flow.FlowPath`)."""
     try:
         builder = SCHEDULE_BUILDERS[cfg.kind]
     except KeyError:
@@ -63,11 +65,17 @@ def fats_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
     return per_band_schedule(base, shifts, cfg.max_shift)
 
 
+def _flow_path(cfg: DiffusionConfig) -> FlowPath:
+    """Kind ``flow``: the path from ``cfg.flow_source`` (+ ``cfg.source_noise`` noise) to the target."""
+    return FlowPath(cfg.num_train_steps, float(cfg.source_noise), cfg.flow_source, cfg.n_bands)
+
+
 SCHEDULE_BUILDERS: dict[str, ScheduleBuilder] = {
     "linear": _linear_schedule,
     "cosine": _cosine_schedule,
     "fast_direct": _linear_schedule,
     "fast_sampled": _fast_sampled_schedule,
     "fats": fats_schedule,
+    "flow": _flow_path,
 }
 """Schedule kind -> builder; the keys are exactly ``constants.SCHEDULE_KINDS`` (tested)."""

@@ -25,6 +25,7 @@ DEMO_MODEL = ModelConfig(num_channels=16, channel_mult=(1, 2, 2), num_res_blocks
 TINY_MODEL = ModelConfig(num_channels=8, channel_mult=(1, 2), num_res_blocks=1, num_groups=4)  # inputs divisible by 4
 DEMO_TRAIN = TrainConfig(lr=5e-4, batch_size=2, max_steps=1_500, save_interval=500, log_interval=50, val_interval=500,
                          val_cases=2, image_interval=500, ema_rate=0.99, num_workers=1)
+WFM_SOURCE_NOISE = 0.5  # sigma_src of the noisy-start flow presets (docs/flow_matching.md: a first choice, untuned)
 DEMO_SIZE = 0.25  # demo volumes: BraTS geometry scaled by 1/4 -> (60, 60, 39) files, (56, 56, 40) network grid
 
 PRESETS: dict[str, Preset] = {
@@ -53,6 +54,27 @@ PRESETS: dict[str, Preset] = {
         DEMO_TRAIN,
         SampleConfig(sampler="ddim", nfe=4),
         "the demo network with FATS schedules and learned 4-step sampling (CPU)"),
+    "wfm": Preset(
+        ModelConfig(), DiffusionConfig(kind="flow", num_train_steps=1000),
+        FULL_TRAIN,
+        SampleConfig(sampler="euler", nfe=1),
+        "WFM-style flow matching from the mean of the conditions (deterministic start), 1 Euler step"),
+    "wfm_noisy": Preset(
+        ModelConfig(), DiffusionConfig(kind="flow", num_train_steps=1000, source_noise=WFM_SOURCE_NOISE),
+        FULL_TRAIN,
+        SampleConfig(sampler="euler", nfe=2),
+        f"flow matching from the mean of the conditions plus {WFM_SOURCE_NOISE:g} x Gaussian noise (a sampler), "
+        "2 Euler steps"),
+    "demo_wfm": Preset(
+        DEMO_MODEL, DiffusionConfig(kind="flow", num_train_steps=1000),
+        DEMO_TRAIN,
+        SampleConfig(sampler="euler", nfe=1),
+        "the demo network with WFM-style flow matching from the condition mean, 1 Euler step (CPU)"),
+    "demo_wfm_noisy": Preset(
+        DEMO_MODEL, DiffusionConfig(kind="flow", num_train_steps=1000, source_noise=WFM_SOURCE_NOISE),
+        DEMO_TRAIN,
+        SampleConfig(sampler="euler", nfe=2),
+        "the demo network with flow matching from the condition mean plus noise, 2 Euler steps (CPU)"),
     "tiny": Preset(
         TINY_MODEL, DiffusionConfig(kind="fast_sampled", fast_intervals=10),
         TrainConfig(lr=5e-4, batch_size=1, max_steps=20, save_interval=10, log_interval=1, val_interval=0,

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from .diffusion import Denoiser, Generators, ddim_step, ddpm_coefficients, ddpm_update, randn
+from .flow import FlowPath, euler_sample
 from .schedules import NoiseSchedule
 
 Callback = Callable[[dict], None]
@@ -113,8 +114,25 @@ SamplerFn = Callable[..., torch.Tensor]
 """``fn(denoiser, schedule, x_T, timesteps, *, generator=None, clip=None, callback=None, **options)
 -> x0`` (B, C, d, h, w); options are the sampler's own (``variance`` for DDPM, ``eta`` for DDIM)."""
 
-SAMPLER_REGISTRY: dict[str, SamplerFn] = {"ddpm": ddpm_sample, "ddim": ddim_sample}
-"""The sampler loops by name; its keys equal ``config.SAMPLERS`` (checked by a test)."""
+SAMPLER_REGISTRY: dict[str, SamplerFn] = {"ddpm": ddpm_sample, "ddim": ddim_sample, "euler": euler_sample}
+"""The sampler loops by name; its keys equal ``config.SAMPLERS`` (checked by a test). ``euler``
+integrates a flow (:class:`~guided_diffusion.flow.FlowPath`); the others sample a noise schedule."""
+
+FLOW_SAMPLERS: tuple[str, ...] = ("euler",)
+"""The samplers of a flow model (schedule kind ``flow``); every other sampler needs a noise schedule."""
+
+
+def check_sampler_fits(name: str, schedule: NoiseSchedule | FlowPath) -> None:
+    """Refuse a sampler that cannot sample this model: a flow model takes only :data:`FLOW_SAMPLERS`,
+    a diffusion model only the others (ValueError naming both and the fix)."""
+    is_flow = isinstance(schedule, FlowPath)
+    if is_flow and name not in FLOW_SAMPLERS:
+        raise ValueError(f"sampler {name!r} does not fit a flow-matching model (schedule kind 'flow'); "
+                         f"use --sampler {' or '.join(FLOW_SAMPLERS)}")
+    if not is_flow and name in FLOW_SAMPLERS:
+        others = [s for s in SAMPLER_REGISTRY if s not in FLOW_SAMPLERS]
+        raise ValueError(f"sampler {name!r} integrates a flow-matching model (schedule kind 'flow'); this model has "
+                         f"a noise schedule ({schedule.name}): use --sampler {' or '.join(others)}")
 
 
 def get_sampler(name: str) -> SamplerFn:

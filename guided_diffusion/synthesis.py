@@ -17,6 +17,8 @@ from .conditioning import split_case
 from .config import SampleConfig
 from .diffusion import make_denoiser, randn
 from .samplers import get_sampler
+from .flow import FlowPath
+from .samplers import check_sampler_fits
 from .schedules import NoiseSchedule
 from .seeding import case_generator, sample_generator
 from .timesteps import plan_timesteps
@@ -80,6 +82,9 @@ def synthesize_volumes(model: torch.nn.Module, schedule: NoiseSchedule, volumes:
     generators = ([case_generator(cfg.seed, cid, generator_device) for cid in case_ids] if sample_indices is None else
                   [sample_generator(cfg.seed, cid, m, generator_device) for cid, m in zip(case_ids, sample_indices)])
     x_T = randn((volumes.shape[0], schedule.n_bands, *cond.shape[2:]), generators, device)
+    check_sampler_fits(cfg.sampler, schedule)
+    if isinstance(schedule, FlowPath):  # a flow starts at the condition mean (+ sigma_src x_T), not at noise
+        x_T = schedule.start(cond, x_T)
     options = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
     x0 = get_sampler(cfg.sampler)(denoiser, schedule, x_T, timesteps, generator=generators,
                                   clip=clip_in_image_space if cfg.clip_denoised else None, callback=callback,

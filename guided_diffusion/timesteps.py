@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .fats import FatsState
+from .flow import FlowPath, flow_timesteps
 from .schedules import NoiseSchedule
 
 
@@ -56,6 +57,8 @@ def plan_timesteps(schedule: NoiseSchedule, fats_state: FatsState | None, nfe: i
     K when ``fats_state`` holds them, else K evenly spaced steps (:func:`uniform_timesteps`).
     """
     total = schedule.num_steps
+    if isinstance(schedule, FlowPath):  # a flow model: K Euler steps at t = 0, 1/K, ...; 0 = every grid time
+        return flow_timesteps(schedule, nfe or total), f"uniform flow times (NFE={nfe or total})"
     if not nfe:
         default = None if fats_state is None else fats_state.default_nfe
         learned = None if default is None else fats_state.learned_timesteps(default)

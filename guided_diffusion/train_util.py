@@ -26,6 +26,7 @@ from .checkpoints import check_resume, load_model, read_checkpoint, resolve_mode
 from .conditioning import split_case
 from .config import DiffusionConfig, ModelConfig, TrainConfig
 from .diffusion import training_losses
+from .flow import flow_training_losses
 from .factory import build_model, build_schedule
 from .fats import ramped_shifts
 from .schedules import NoiseSchedule
@@ -138,6 +139,9 @@ class Trainer:
         torch.manual_seed(derive_seed(train_cfg.seed, 0))  # identical initial weights on every rank
         self.model = build_model(model_cfg).to(self.device)
         self.target_schedule = schedule or build_schedule(diffusion_cfg)
+        # the one objective switch: the schedule kind's loss (flow matching for kind "flow", flow.py;
+        # else the diffusion x0 loss); both take the same arguments
+        self.loss_terms = flow_training_losses if diffusion_cfg.kind == "flow" else training_losses
         # the fused CUDA kernel on a GPU; on the CPU the default implementation, as ever
         fused = True if self.device.type == "cuda" else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
@@ -221,7 +225,7 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=gen, device=self.device)
         weights = torch.tensor(self.cfg.band_weights) if self.cfg.band_weights else None
         self.model.train()
-        out = training_losses(self.forward_model, schedule, x0, cond, t, noise, band_weights=weights,
+        out = self.loss_terms(self.forward_model, schedule, x0, cond, t, noise, band_weights=weights,
                               precision=self.cfg.precision)
         loss = out["loss"].mean()
         self._stop_unless_finite(loss.detach(), "loss")
@@ -262,7 +266,7 @@ class Trainer:
             gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, i, 2))
             for t in ts:
                 noise = torch.randn(x0.shape, generator=gen).to(self.device)
-                out = training_losses(self.ema, schedule, x0, cond, t.view(1).to(self.device), noise,
+                out = self.loss_terms(self.ema, schedule, x0, cond, t.view(1).to(self.device), noise,
                                       precision=self.cfg.precision)
                 losses.append(out["loss"].float().mean().item())
         return sum(losses) / len(losses)

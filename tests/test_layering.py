@@ -31,7 +31,7 @@ LAYERS: dict[str, int] = {
     "guided_diffusion.conditioning": 1, "guided_diffusion.fats": 1,
     # 2: diffusion math
     "guided_diffusion.diffusion": 2, "guided_diffusion.samplers": 2, "guided_diffusion.fats_search": 2,
-    "guided_diffusion.timesteps": 2,
+    "guided_diffusion.timesteps": 2, "guided_diffusion.flow": 2,
     # 3: construction from configs
     "guided_diffusion.factory": 3,
     # 4: pipeline
@@ -48,6 +48,9 @@ SAME_LAYER_IMPORTS: set[tuple[str, str]] = {
     ("DWT_IDWT", "DWT_IDWT.haar"), ("DWT_IDWT", "DWT_IDWT.subbands"), ("DWT_IDWT.subbands", "DWT_IDWT.haar"),
     ("guided_diffusion.unet", "guided_diffusion.config"),
     ("guided_diffusion.samplers", "guided_diffusion.diffusion"),
+    ("guided_diffusion.flow", "guided_diffusion.diffusion"),
+    ("guided_diffusion.samplers", "guided_diffusion.flow"),
+    ("guided_diffusion.timesteps", "guided_diffusion.flow"),
     ("guided_diffusion.fats_search", "guided_diffusion.diffusion"),
     ("guided_diffusion.fats_search", "guided_diffusion.samplers"),
     ("guided_diffusion.fats_search", "guided_diffusion.timesteps"),

@@ -75,8 +75,8 @@ def test_one_sampler_registry_with_one_signature():
         assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params[:4])
         assert all(p.kind is p.KEYWORD_ONLY for p in params[4:])
         assert {"generator", "clip", "callback"} <= {p.name for p in params[4:]}
-    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        get_sampler("euler")
+    with pytest.raises(ValueError, match="unknown sampler 'lms'"):
+        get_sampler("lms")
 
 
 def test_ddim_step_with_the_true_x0_moves_along_the_forward_process():

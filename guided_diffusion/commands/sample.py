@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     loaded = load_model(model_path, device=device, cwdm_args=args.cwdm_args)
     cli.check_model_target(loaded, args.target, args.checkpoint)
     cfg = cli.sample_config_from_args(args, cli.checkpoint_sample_defaults(loaded))
+    cli.check_sampler(cfg, loaded, args.checkpoint)
     timesteps, timesteps_origin = plan_timesteps(loaded.schedule, loaded.fats_state, cfg.nfe)
     cases, failures, geometry = cli.find_cases(args.data_dir, "train", check_data=False)
     cli.check_fits_model(geometry, loaded, args.checkpoint, args.data_dir)
