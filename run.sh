@@ -8,7 +8,7 @@
 #   bash run.sh --mode auto --preset fats --data_dir /data/BraSyn/pseudo_validation
 #
 # Environment variables give the defaults of the flags: PRESET, MODE, TARGET, DATA_DIR, NFE, GPUS,
-# RUN_DIR, OUT_DIR, CHECKPOINT. The old spellings (--model / MODEL, --contr / CONTR, --steps / STEPS)
+# RUN_DIR, OUT_DIR, CHECKPOINT, NUM_SAMPLES. The old spellings (--model / MODEL, --contr / CONTR, --steps / STEPS)
 # still work and print a note.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -29,6 +29,7 @@ GPUS="${GPUS:-}"
 RUN_DIR="${RUN_DIR:-}"
 OUT_DIR="${OUT_DIR:-}"
 CHECKPOINT="${CHECKPOINT:-}"
+NUM_SAMPLES="${NUM_SAMPLES:-}"  # empty: one sample per case (the scripts' default)
 DEMO_DIR="${DEMO_DIR:-demo_data}"
 DEMO_STEPS="${DEMO_STEPS:-}"
 EXTRA=()
@@ -64,6 +65,9 @@ Usage: bash run.sh [--mode train|sample|auto] [--preset unet|fast|fats|demo] [op
   --val_dir DIR      validation cases (all four modalities) for training; the default mode then scores
                      the model on them. Without it, training holds out a few cases of --data_dir and
                      the default mode scores the model on those (never on its training cases).
+  --num_samples M    samples per case in modes sample and auto (default 1): M > 1 writes their mean
+                     as the synthesis and a per-voxel std map <case>-<mod>_std.nii.gz, and sample
+                     adds ensemble metrics (CRPS, spread/error, calibration); docs/uncertainty.md.
   --sample_flags "F" flags for the sampling step (e.g. "--sampler ddim --nfe 10"), in every mode.
   -h, --help         this text.
 Anything after -- is passed to the Python script of the mode unchanged (train.py in the default
@@ -73,7 +77,7 @@ TXT
 
 while [ $# -gt 0 ]; do
     case "$1" in  # every option below but -h/--help and -- takes a value: refuse a missing one by name
-        --mode|--preset|--model|--target|--contr|--data_dir|--nfe|--steps|--gpus|--run_dir|--out_dir|--checkpoint)
+        --mode|--preset|--model|--target|--contr|--data_dir|--nfe|--steps|--gpus|--run_dir|--out_dir|--checkpoint|--num_samples)
             if [ $# -lt 2 ] || [ -z "$2" ] || [ "${2#--}" != "$2" ]; then
                 echo "run.sh: $1 needs a value (see bash run.sh --help)" >&2; exit 2
             fi ;;
@@ -94,11 +98,14 @@ while [ $# -gt 0 ]; do
         --run_dir) RUN_DIR="$2"; shift 2 ;;
         --out_dir) OUT_DIR="$2"; shift 2 ;;
         --checkpoint) CHECKPOINT="$2"; shift 2 ;;
+        --num_samples) NUM_SAMPLES="$2"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         --) shift; EXTRA=("$@"); break ;;
         *) echo "run.sh: unknown option $1 (see bash run.sh --help)" >&2; exit 2 ;;
     esac
 done
+
+if [ -n "$NUM_SAMPLES" ]; then SAMPLE_FLAGS+=(--num_samples "$NUM_SAMPLES"); fi  # checked by the scripts
 
 source scripts/ensure_env.sh
 

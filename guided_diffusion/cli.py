@@ -145,6 +145,21 @@ def add_sampling_arguments(parser: ArgumentParser) -> None:
                         "else inferred from the shapes with 32 GroupNorm groups assumed)")
 
 
+def add_ensemble_arguments(parser: ArgumentParser) -> None:
+    """``--num_samples`` / ``--save_samples``: an ensemble per case (``guided_diffusion.ensembles``)."""
+    parser.add_argument("--num_samples", type=positive_int, default=1, metavar="M",
+                        help="samples per case (default 1); M > 1 writes their mean as the synthesis and "
+                             "<case>-<mod>_std.nii.gz, the per-voxel std (docs/uncertainty.md)")
+    parser.add_argument("--save_samples", action="store_true",
+                        help="with --num_samples M > 1: also write each sample, <case>-<mod>_sample<m>.nii.gz")
+
+
+def check_ensemble_arguments(args: argparse.Namespace) -> None:
+    """Refuse ``--save_samples`` without an ensemble (``--num_samples`` 1 has no samples beside the synthesis)."""
+    if args.save_samples and args.num_samples < 2:
+        raise ValueError(f"--save_samples needs --num_samples > 1 (got --num_samples {args.num_samples})")
+
+
 def background_note(keep_background: bool) -> str:
     """How the written synthesis treats the background (recorded with the results)."""
     return ("raw: as sampled (--keep_background)" if keep_background else
@@ -259,6 +274,17 @@ def default_device(name: str | None) -> torch.device:
             raise ValueError(f"--device {name}: CUDA is not available here ({count} CUDA devices visible); "
                              "use --device cpu")
     return device
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts that must be at least 1 (``--num_samples``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (need at least 1)")
+    return value
 
 
 def nonnegative_int(text: str) -> int:

@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "guided_diffusion.checkpoints": 4, "guided_diffusion.synthesis": 4, "guided_diffusion.train_util": 4,
     "guided_diffusion.fats_training": 4, "guided_diffusion.bratsloader": 4, "guided_diffusion.metrics": 4,
     "guided_diffusion.demo_data": 4, "guided_diffusion.figures": 4, "guided_diffusion.presets": 4,
+    "guided_diffusion.ensembles": 4,
     "guided_diffusion.volume_cache": 4, "guided_diffusion.case_runner": 4, "guided_diffusion.prob_metrics": 4,
     # 5: command line
     "guided_diffusion.cli": 5, "guided_diffusion.commands": 5,
@@ -60,6 +61,9 @@ SAME_LAYER_IMPORTS: set[tuple[str, str]] = {
     ("guided_diffusion.demo_data", "guided_diffusion.bratsloader"),
     ("guided_diffusion.volume_cache", "guided_diffusion.bratsloader"),
     ("guided_diffusion.case_runner", "guided_diffusion.bratsloader"),
+    ("guided_diffusion.ensembles", "guided_diffusion.synthesis"),
+    ("guided_diffusion.ensembles", "guided_diffusion.checkpoints"),
+    ("guided_diffusion.ensembles", "guided_diffusion.bratsloader"),
 }
 """(importer, imported) pairs allowed inside one layer; besides these, a command may use ``cli``
 and the ``guided_diffusion`` package itself (``from guided_diffusion import cli``)."""

@@ -6,7 +6,8 @@ r"""Synthesise one modality for cases with ground truth, write NIfTI on the inpu
 (installed: ``fast-cwdm-sample`` with the same flags). Writes <out_dir>/<case>/<case>-<target>.nii.gz,
 metrics.json, metrics.csv, sample_config.json and a PNG slice figure of the first case (needs the
 ``figures`` extra; skipped with a warning without it). Bad cases are skipped and reported at the
-end (exit code 1).
+end (exit code 1). ``--num_samples M`` > 1: the synthesis is the mean of M samples, with a std map
+<case>-<target>_std.nii.gz and ensemble metrics (CRPS, spread/error, calibration; docs/uncertainty.md).
 """
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ from guided_diffusion.bratsloader import (CaseError, expected_path, load_case, s
                                          to_original_grid)
 from guided_diffusion.checkpoints import load_model, resolve_model_source
 from guided_diffusion.conditioning import cond_modalities, modality_index, zero_outside_head
+from guided_diffusion.ensembles import case_ensemble, save_ensemble
 from guided_diffusion.extras import MissingExtraError
 from guided_diffusion.figures import slice_figure
 from guided_diffusion.fileio import atomic_write, save_json
 from guided_diffusion.metrics import METRIC_KEYS, MISSING_VALUE_NOTE, evaluate_case, strict_json, summarize
+from guided_diffusion.prob_metrics import ENSEMBLE_METRIC_KEYS, ensemble_metrics
 from guided_diffusion.provenance import held_out_case_ids, model_provenance
 from guided_diffusion.runinfo import run_info
 from guided_diffusion.synthesis import synthesize
@@ -35,6 +38,11 @@ from guided_diffusion.timesteps import plan_timesteps
 
 logger = logging.getLogger("sample")
 RESULT_FILES = ("sample_config.json", "metrics.json", "metrics.csv", "slice.png")  # one set per --out_dir
+ENSEMBLE_METRICS_NOTE = ("--num_samples > 1: the PSNR/SSIM keys score the ensemble mean; crps_*, spread_error_*, "
+                         "std_error_spearman and top10_std_error_ratio (prob_metrics.ensemble_metrics) score the "
+                         "samples on the same network grid, brain mask and tumour mask (seg > 0), intensities as "
+                         "sampled and as loaded ([0, 1]), without the per-volume percentile normalisation "
+                         "(docs/uncertainty.md)")
 
 
 def parse_args(argv=None):
@@ -53,15 +61,16 @@ def parse_args(argv=None):
                    help="record each finished case; a re-run skips the cases whose outputs are complete and "
                         "verified (SHA-256) and writes the results of all of them (start the job with it too)")
     cli.add_sampling_arguments(p)
+    cli.add_ensemble_arguments(p)
     return p.parse_args(argv)
 
 
-def write_metrics(out_dir: Path, records: list[dict], meta: dict) -> dict:
-    summary = summarize(records, METRIC_KEYS)
+def write_metrics(out_dir: Path, records: list[dict], meta: dict, keys=METRIC_KEYS) -> dict:
+    summary = summarize(records, keys)
     save_json(strict_json({"cases": records, "summary": summary, "missing_values": MISSING_VALUE_NOTE, **meta}),
               out_dir / "metrics.json")
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["case_id", *METRIC_KEYS, "seconds"])
+    writer = csv.DictWriter(buf, fieldnames=["case_id", *keys, "seconds"])
     writer.writeheader()
     for rec in records:
         writer.writerow({k: rec.get(k) for k in writer.fieldnames})
@@ -76,18 +85,22 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_figure(path: Path, case_id: str, volumes, pred, target: str, nfe: int, seg=None) -> Path | None:
-    """One axial slice of the conditions, the truth, the synthesis and the error as a PNG;
-    None (with a warning) when the ``figures`` extra is not installed.
+def write_figure(path: Path, case_id: str, volumes, pred, target: str, nfe: int, seg=None, std=None,
+                 num_samples: int = 1) -> Path | None:
+    """One axial slice of the conditions, the truth, the synthesis and the error (and the std map
+    of an ensemble) as a PNG; None (with a warning) when the ``figures`` extra is not installed.
 
     Args:
         volumes: (4, X, Y, Z) the case's modalities; pred: (X, Y, Z) the synthesis of ``target``;
-        seg: (X, Y, Z) tumour labels or None (the figure shows the slice with the most tumour).
+        seg: (X, Y, Z) tumour labels or None (the figure shows the slice with the most tumour);
+        std: (X, Y, Z) the per-voxel std of ``num_samples`` samples, or None.
     """
     panels = [(m, volumes[modality_index(m)]) for m in cond_modalities(target)]
     panels += [(f"{target} (truth)", volumes[modality_index(target)]), (f"{target} (synthesis)", pred)]
     try:
-        return slice_figure(path, panels, title=f"{case_id}: {target}, {nfe} NFE", error_pair=(3, 4), seg=seg)
+        title = f"{case_id}: {target}, {nfe} NFE" + (f", mean of {num_samples} samples" if std is not None else "")
+        uncertainty = (f"std ({num_samples} samples)", std) if std is not None else None
+        return slice_figure(path, panels, title=title, error_pair=(3, 4), seg=seg, uncertainty=uncertainty)
     except MissingExtraError as err:
         logger.warning("no slice figure: %s", err)
         return None
@@ -95,6 +108,7 @@ def write_figure(path: Path, case_id: str, volumes, pred, target: str, nfe: int,
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cli.check_ensemble_arguments(args)
     ranks = case_runner.ranks_from_env()  # torchrun: each rank samples its share, rank 0 writes the results
     device = case_runner.rank_device(cli.default_device(args.device), ranks)
     model_path = resolve_model_source(args.checkpoint, args.hf_cache)
@@ -131,7 +145,8 @@ def main(argv=None) -> int:
     model_record = model_provenance(loaded, args.checkpoint, model_path, cfg)  # hashes the checkpoint once
     settings = case_runner.settings_digest({
         "model_sha256": model_record["sha256"] if journal else None, "target": args.target,
-        "sample_config": cfg.to_dict(), "timesteps": timesteps, "keep_background": args.keep_background})
+        "sample_config": cfg.to_dict(), "timesteps": timesteps, "keep_background": args.keep_background,
+        **({"num_samples": args.num_samples, "save_samples": args.save_samples} if args.num_samples > 1 else {})})
     records, figure, interrupted = [], None, None
     description = synthesis_description(args.target, cfg.sampler, len(timesteps), model_record["sha256"])
     figure_wanted = ranks.is_main and not (args.resume and (out_dir / "slice.png").exists())
@@ -148,15 +163,27 @@ def main(argv=None) -> int:
             data = load_case(case, geometry)
             start = time.perf_counter()
             volumes = torch.from_numpy(data.volumes)[None]
-            pred = synthesize(loaded, volumes, args.target, cfg, [case.case_id], timesteps,
-                              callback=cli.step_progress(len(timesteps), f"{case.case_id} {args.target}"))
-            pred = (pred if args.keep_background else zero_outside_head(pred, volumes, args.target))[0]
-            seconds = time.perf_counter() - start
-            save_volume(out_path, to_original_grid(pred.numpy(), geometry), data.reference, overwrite=args.overwrite,
-                        description=description)
+            progress = cli.step_progress(len(timesteps), f"{case.case_id} {args.target}")
+            if args.num_samples > 1:  # an ensemble: its mean is the synthesis, plus the std map
+                ensemble = case_ensemble(loaded, volumes, args.target, cfg, case.case_id, args.num_samples, timesteps,
+                                         keep_background=args.keep_background, callback=progress)
+                samples, pred, std = ensemble.samples, ensemble.mean, ensemble.std
+                seconds = time.perf_counter() - start
+                save_ensemble(out_path, args.target, ensemble, geometry, data.reference, description,
+                              overwrite=args.overwrite, save_samples=args.save_samples)
+            else:
+                samples = std = None
+                pred = synthesize(loaded, volumes, args.target, cfg, [case.case_id], timesteps, callback=progress)
+                pred = (pred if args.keep_background else zero_outside_head(pred, volumes, args.target))[0]
+                seconds = time.perf_counter() - start
+                save_volume(out_path, to_original_grid(pred.numpy(), geometry), data.reference,
+                            overwrite=args.overwrite, description=description)
             gt = data.volumes[target_idx]
             try:
                 metrics = evaluate_case(pred.numpy(), gt, data.brain_mask, data.seg)
+                if samples is not None:  # on the same grid and masks as PSNR / SSIM
+                    metrics.update(ensemble_metrics(samples.numpy(), gt, data.brain_mask,
+                                                    None if data.seg is None else data.seg > 0))
             except ValueError as err:  # the volume is written; the case still counts as failed
                 raise CaseError(case.files[args.target], f"cannot evaluate the synthesis against it: {err}") from None
             record = {"case_id": case.case_id, "seconds": seconds, **metrics}
@@ -166,7 +193,8 @@ def main(argv=None) -> int:
             if figure_wanted:
                 figure_wanted = False
                 figure = write_figure(out_dir / "slice.png", case.case_id, data.volumes, pred.numpy(), args.target,
-                                      len(timesteps), data.seg)
+                                      len(timesteps), data.seg, None if std is None else std.numpy(),
+                                      args.num_samples)
         except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the temporary file is gone; report what was done
             interrupted = err
             failures.append(CaseError(out_path, f"not done: {err or 'interrupted'}"))
@@ -180,10 +208,13 @@ def main(argv=None) -> int:
             "model_config": loaded.model_config.to_dict(), "diffusion_config": loaded.diffusion_config.to_dict(),
             "metrics_grid": "network grid (cropped/padded), BraSyn normalisation", "evaluated_on": evaluated_on,
             "background": cli.background_note(args.keep_background),
+            "num_samples": args.num_samples,
+            **({"ensemble_metrics": ENSEMBLE_METRICS_NOTE} if args.num_samples > 1 else {}),
             "model": model_record, "run": run_info()}
     save_json(meta, out_dir / "sample_config.json")
     if records:
-        summary = write_metrics(out_dir, records, meta)
+        summary = write_metrics(out_dir, records, meta,
+                                [*METRIC_KEYS, *(ENSEMBLE_METRIC_KEYS if args.num_samples > 1 else ())])
         print(format_table(summary))
         print(f"wrote {len(records)} volumes, {out_dir / 'metrics.json'}, {out_dir / 'metrics.csv'}"
               + (f", {figure}" if figure else ""))

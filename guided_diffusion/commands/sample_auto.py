@@ -9,6 +9,8 @@ For each case with exactly one of t1n/t1c/t2w/t2f missing, detects which, picks 
 model, synthesises it and writes <out_dir>/<case>/<case>-<missing>.nii.gz on the case's original
 grid with its header. Default output: a new folder <data_dir>_completed; --in_place writes into
 the input folder (never overwriting a file). Bad cases are reported at the end (exit code 1).
+``--num_samples M`` > 1: the written modality is the mean of M samples, with its per-voxel std
+<case>-<missing>_std.nii.gz beside it (docs/uncertainty.md).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from guided_diffusion.bratsloader import (CaseError, expected_path, load_case, s
                                          to_original_grid)
 from guided_diffusion.checkpoints import CheckpointError, load_model, resolve_model_source
 from guided_diffusion.conditioning import zero_outside_head
+from guided_diffusion.ensembles import case_ensemble, save_ensemble
 from guided_diffusion.fileio import save_json
 from guided_diffusion.constants import MODALITIES
 from guided_diffusion.provenance import model_provenance
@@ -50,6 +53,7 @@ def parse_args(argv=None):
                    help="record each finished case; a re-run skips the cases whose outputs are complete and "
                         "verified (SHA-256) and reports all of them (start the job with it too)")
     cli.add_sampling_arguments(p)
+    cli.add_ensemble_arguments(p)
     return p.parse_args(argv)
 
 
@@ -84,6 +88,7 @@ def unused_path(path: Path) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cli.check_ensemble_arguments(args)
     if args.in_place and args.out_dir:
         return cli.fatal("--in_place and --out_dir are exclusive")
     data_dir = Path(args.data_dir)
@@ -117,7 +122,9 @@ def main(argv=None) -> int:
         "model_sha256": provenance[mod]["sha256"] if journal else None, "target": mod,
         "sample_config": configs[mod].to_dict(),
         "timesteps": plan_timesteps(models[mod].schedule, models[mod].fats_state, configs[mod].nfe)[0],
-        "keep_background": args.keep_background}) for mod in models}
+        "keep_background": args.keep_background,
+        **({"num_samples": args.num_samples, "save_samples": args.save_samples} if args.num_samples > 1 else {})})
+        for mod in models}
     written, interrupted = [], None
     for case in tqdm(share, desc="complete", dynamic_ncols=True):
         target = case.missing
@@ -136,14 +143,21 @@ def main(argv=None) -> int:
             timesteps, origin = plan_timesteps(loaded.schedule, loaded.fats_state, cfg.nfe)
             data = load_case(case, geometry)
             volumes = torch.from_numpy(data.volumes)[None]
-            pred = synthesize(loaded, volumes, target, cfg, [case.case_id], timesteps,
-                              callback=cli.step_progress(len(timesteps), f"{case.case_id} {target}"))
-            pred = (pred if args.keep_background else zero_outside_head(pred, volumes, target))[0]
-            save_volume(out_path, to_original_grid(pred.numpy(), geometry), data.reference,
-                        description=synthesis_description(target, cfg.sampler, len(timesteps),
-                                                          provenance[target]["sha256"]))
+            progress = cli.step_progress(len(timesteps), f"{case.case_id} {target}")
+            description = synthesis_description(target, cfg.sampler, len(timesteps), provenance[target]["sha256"])
+            if args.num_samples > 1:  # the mean of an ensemble, its std map beside it
+                ensemble = case_ensemble(loaded, volumes, target, cfg, case.case_id, args.num_samples, timesteps,
+                                         keep_background=args.keep_background, callback=progress)
+                save_ensemble(out_path, target, ensemble, geometry, data.reference, description,
+                              save_samples=args.save_samples)
+            else:
+                pred = synthesize(loaded, volumes, target, cfg, [case.case_id], timesteps, callback=progress)
+                pred = (pred if args.keep_background else zero_outside_head(pred, volumes, target))[0]
+                save_volume(out_path, to_original_grid(pred.numpy(), geometry), data.reference,
+                            description=description)
             written.append({"case_id": case.case_id, "missing": target, "output": str(out_path), "nfe": len(timesteps),
-                            "timesteps_origin": origin})
+                            "timesteps_origin": origin,
+                            **({"num_samples": args.num_samples} if args.num_samples > 1 else {})})
             if journal:
                 journal.record(out_path, settings[target], written[-1])
         except Exception as err:  # any problem of one case is one line; the batch goes on
