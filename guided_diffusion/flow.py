@@ -88,9 +88,10 @@ class FlowPath:
         return 1.0 - (index.to(torch.float64) + 1.0) / self.num_steps
 
     def start(self, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x_src = m(cond) + sigma_src * noise: (B, n_bands, d, h, w) in ``noise``'s dtype."""
-        mean = cond_mean_source(cond, self.n_bands).to(noise.dtype)
-        return mean if self.source_noise == 0.0 else mean + self.source_noise * noise
+        """x_src = m(cond) + sigma_src * noise: (B, n_bands, d, h, w), ``noise``'s shape and dtype
+        (a batch of one case's conditioning serves B ensemble members; sigma_src = 0 ignores the noise)."""
+        mean = cond_mean_source(cond, self.n_bands).to(noise.dtype).expand(noise.shape)
+        return mean.contiguous() if self.source_noise == 0.0 else mean + self.source_noise * noise
 
     def state_dict(self) -> dict:
         """What a checkpoint's ``schedule`` entry holds for a flow (for reading only: the path is

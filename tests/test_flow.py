@@ -217,3 +217,12 @@ def test_presets():
         assert preset.diffusion.kind == "flow" and preset.diffusion.source_noise == sigma
         assert (preset.sample.sampler, preset.sample.nfe) == ("euler", nfe)
     assert get_preset("demo_wfm").model == get_preset("demo").model
+
+
+def test_one_case_conditioning_serves_a_batch_of_ensemble_members():
+    cond = to_subbands(torch.rand(1, 3, 4, 4, 4, generator=torch.Generator().manual_seed(6)))
+    noise = torch.randn(3, 8, 2, 2, 2, generator=torch.Generator().manual_seed(7))
+    for sigma in (0.0, 0.2):
+        start = FlowPath(source_noise=sigma).start(cond, noise)
+        assert start.shape == noise.shape
+        assert torch.allclose(start, cond_mean_source(cond) + sigma * noise, atol=1e-7)
