@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 SEG = "seg"
 SEG_LABELS = (0, 1, 2, 3)  # BraTS 2023: background, necrotic core, oedema, enhancing
 NIFTI_SUFFIX = ".nii.gz"
+ORACLE_FOLDER = "oracle"  # sub-folder of a synthetic test case with exact target draws (demo_data_v2); skipped
 BRATS_ORIGINAL_SHAPE = (240, 240, 155)
 BRATS_CROP = 8  # voxels removed from each in-plane side
 BRATS_PADDED_DEPTH = 160
@@ -363,7 +364,8 @@ def _scan_folder(folder: Path, mode: Mode) -> Case:
     wanted = {expected_path(folder, n).name: n for n in (*MODALITIES, SEG)}
     files = {}
     try:
-        entries = sorted(e for e in folder.iterdir() if not e.name.startswith("."))
+        entries = sorted(e for e in folder.iterdir() if not e.name.startswith(".")
+                         and not (e.name == ORACLE_FOLDER and e.is_dir()))
     except OSError as exc:
         raise CaseError(folder, f"cannot list the case folder ({exc.strerror or exc})") from exc
     for entry in entries:

@@ -37,7 +37,8 @@ LAYERS: dict[str, int] = {
     # 4: pipeline
     "guided_diffusion.checkpoints": 4, "guided_diffusion.synthesis": 4, "guided_diffusion.train_util": 4,
     "guided_diffusion.fats_training": 4, "guided_diffusion.bratsloader": 4, "guided_diffusion.metrics": 4,
-    "guided_diffusion.demo_data": 4, "guided_diffusion.figures": 4, "guided_diffusion.presets": 4,
+    "guided_diffusion.demo_data": 4, "guided_diffusion.demo_data_v2": 4, "guided_diffusion.demo_floors": 4,
+    "guided_diffusion.figures": 4, "guided_diffusion.presets": 4,
     "guided_diffusion.ensembles": 4,
     "guided_diffusion.volume_cache": 4, "guided_diffusion.case_runner": 4, "guided_diffusion.prob_metrics": 4,
     # 5: command line
@@ -59,6 +60,11 @@ SAME_LAYER_IMPORTS: set[tuple[str, str]] = {
     ("guided_diffusion.train_util", "guided_diffusion.checkpoints"),
     ("guided_diffusion.fats_training", "guided_diffusion.checkpoints"),
     ("guided_diffusion.demo_data", "guided_diffusion.bratsloader"),
+    ("guided_diffusion.demo_data_v2", "guided_diffusion.demo_data"),
+    ("guided_diffusion.demo_data_v2", "guided_diffusion.bratsloader"),
+    ("guided_diffusion.demo_floors", "guided_diffusion.demo_data_v2"),
+    ("guided_diffusion.demo_floors", "guided_diffusion.demo_data"),
+    ("guided_diffusion.demo_floors", "guided_diffusion.bratsloader"),
     ("guided_diffusion.volume_cache", "guided_diffusion.bratsloader"),
     ("guided_diffusion.case_runner", "guided_diffusion.bratsloader"),
     ("guided_diffusion.ensembles", "guided_diffusion.synthesis"),
