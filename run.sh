@@ -46,10 +46,12 @@ Usage: bash run.sh [--mode train|sample|auto] [--preset unet|fast|fats|demo] [op
                      --data_dir and no --preset, the embedded CPU demo.
   --preset NAME      unet (cWDM: 64 ch, mult 1,2,2,4,4, linear 1000 steps),
                      fast (Fast-cWDM: same network, 10-step schedule), fats (per-band schedules,
-                     learned 4-step sampling), demo (small network, reduced-size demo data, CPU).
+                     learned 4-step sampling), demo (small network, reduced-size demo data, CPU);
+                     fats_all, demo_all: ONE model for all four modalities (docs/all_modality.md).
                      (old spelling: --model)
   --target MOD       modality to synthesise: t1n|t1c|t2w|t2f, or all (train one model per
-                     modality). Default t2f. (old spelling: --contr)
+                     modality; with a *_all preset its one model, which needs --target all).
+                     Default t2f. (old spelling: --contr)
   --data_dir DIR     BraTS-layout folder (<case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz).
                      Default: data/BraTS/training, or cWDM's data/BRATS/training when only that
                      one holds cases (the folder used is printed).
@@ -61,7 +63,8 @@ Usage: bash run.sh [--mode train|sample|auto] [--preset unet|fast|fats|demo] [op
                      one per core). On a shared machine fewer threads can be several times faster.
   --run_dir DIR      training output (default runs/<preset>); sample/auto read models from here.
   --out_dir DIR      sampling output (default results/<preset>_<target> or <data_dir>_completed).
-  --checkpoint P     model for --mode sample (default <run_dir>/<target>/best.pt); a path or hf://org/repo/file.
+  --checkpoint P     model for --mode sample (default <run_dir>/<target>/best.pt, <run_dir>/all/best.pt
+                     for a *_all preset); a path or hf://org/repo/file.
   --val_dir DIR      validation cases (all four modalities) for training; the default mode then scores
                      the model on them. Without it, training holds out a few cases of --data_dir and
                      the default mode scores the model on those (never on its training cases).
@@ -183,9 +186,13 @@ fi
 
 PRESET="${PRESET:-unet}"
 RUN_DIR="${RUN_DIR:-runs/$PRESET}"
-if [ "$PRESET" = "demo" ] && ! has_brats_data "$DATA_DIR"; then  # the demo dataset, for the mode asked for
-    case "${MODE:-train_sample}" in
-        train_sample) run_demo; exit 0 ;;
+is_all_preset() { case "$PRESET" in *_all) return 0 ;; *) return 1 ;; esac; }  # one model, <run_dir>/all
+model_folder() { if is_all_preset; then echo "$RUN_DIR/all"; else echo "$RUN_DIR/$1"; fi; }  # model_folder MOD
+if { [ "$PRESET" = "demo" ] || [ "$PRESET" = "demo_all" ]; } && ! has_brats_data "$DATA_DIR"; then
+    case "${MODE:-train_sample}" in  # the demo dataset, for the mode asked for
+        train_sample)
+            if [ "$PRESET" = "demo" ]; then run_demo; exit 0; fi
+            ensure_demo_data; DATA_DIR="$DEMO_DIR/training" ;;  # demo_all: trained, scored on held-out cases
         train) ensure_demo_data; DATA_DIR="$DEMO_DIR/training" ;;
         sample) ensure_demo_data; DATA_DIR="$DEMO_DIR/pseudo_validation_gt" ;;
         auto) ensure_demo_data; DATA_DIR="$DEMO_DIR/pseudo_validation" ;;
@@ -217,11 +224,11 @@ do_sample() {  # do_sample [after_training]: after training, score on held-out c
             if [ -n "$VAL_DIR" ]; then
                 data=(--data_dir "$VAL_DIR"); echo "[run.sh] scoring $t on the validation folder $VAL_DIR"
             else
-                data+=(--held_out_of "$RUN_DIR/$t/run_config.json")
-                echo "[run.sh] scoring $t on the cases training held out of $DATA_DIR ($RUN_DIR/$t/run_config.json)"
+                data+=(--held_out_of "$(model_folder "$t")/run_config.json")
+                echo "[run.sh] scoring $t on the cases training held out of $DATA_DIR ($(model_folder "$t")/run_config.json)"
             fi
         fi
-        sample_launch scripts/sample.py --checkpoint "${CHECKPOINT:-$RUN_DIR/$t/best.pt}" "${data[@]}" \
+        sample_launch scripts/sample.py --checkpoint "${CHECKPOINT:-$(model_folder "$t")/best.pt}" "${data[@]}" \
             --target "$t" --out_dir "$(sample_out_dir "$t")" $(nfe_flag) "${flags[@]}" "${SAMPLE_FLAGS[@]}"
     done
 }

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
+from .conditioning import network_in_channels
 from .config import ConfigError, DiffusionConfig, ModelConfig, SampleConfig
+from .constants import ALL_TARGET, MODALITIES
 from .factory import build_model, build_schedule
 from .fats import FatsState
 from .fileio import atomic_write, save_json
@@ -37,6 +39,10 @@ CWDM_NUM_GROUPS = 32  # GroupNorm groups of cWDM's published models (not recover
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be read or does not fit; the message names the file and the problem."""
+
+
+class ModelKindError(CheckpointError):
+    """An all-modality model where a single-modality one is expected, or the reverse."""
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
@@ -227,7 +233,14 @@ class LoadedModel:
     source: str
     step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-    target_modality: str | None = None  # the modality it was trained to synthesise (None: unknown, e.g. cWDM)
+    target_modality: str | None = None  # the modality it was trained to synthesise (None: unknown, e.g. cWDM;
+    # ALL_TARGET: an all-modality model)
+
+    @property
+    def all_modality(self) -> bool:
+        """One network for every modality (the target as a label, four conditioning slots);
+        :func:`check_all_modality` made sure that the config, the target and ``extra`` agree."""
+        return self.model_config.num_modality_labels > 0
 
     @property
     def fats_state(self) -> FatsState | None:
@@ -278,6 +291,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
     if diff_cfg.num_train_steps > MAX_SCHEDULE_STEPS:
         raise CheckpointError(f"{path}: diffusion config asks for num_train_steps={diff_cfg.num_train_steps} "
                               f"(more than {MAX_SCHEDULE_STEPS}); refusing to build that schedule")
+    check_all_modality(path, model_cfg, target, extra)
     check_weights_fit(path, model_cfg, weights)
     schedule = schedule or build_schedule(diff_cfg)
     check_stored_settings(path, extra, schedule.num_steps)
@@ -288,6 +302,35 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
         raise CheckpointError(f"{path}: weights do not fit the model ({str(err).splitlines()[0]} ...)") from None
     model.to(device).eval()
     return LoadedModel(model, model_cfg, diff_cfg, schedule, str(path), step, extra, target)
+
+
+def all_modality_extra() -> dict[str, Any]:
+    """What an all-modality checkpoint stores in ``extra``: its label -> modality mapping
+    (``modality_labels``, the label being the index), read back by :func:`check_all_modality`."""
+    return {"modality_labels": list(MODALITIES)}
+
+
+def check_all_modality(path: str | Path, model_cfg: ModelConfig, target: str | None, extra: dict) -> None:
+    """An all-modality checkpoint says so three times, and they must agree: the model config
+    (``num_modality_labels`` = 4 and the four-slot input, ``in_channels`` 40), the trained target
+    (``ALL_TARGET``) and ``extra["modality_labels"]`` (the labels' modalities, ``MODALITIES``).
+    A single-modality checkpoint has none of them."""
+    labelled = model_cfg.num_modality_labels > 0
+    if not labelled and target != ALL_TARGET and "modality_labels" not in extra:
+        return
+    problems = []
+    if model_cfg.num_modality_labels != len(MODALITIES):
+        problems.append(f"num_modality_labels={model_cfg.num_modality_labels} (an all-modality model has "
+                        f"{len(MODALITIES)})")
+    if labelled and model_cfg.in_channels != network_in_channels(True, model_cfg.out_channels):
+        problems.append(f"in_channels={model_cfg.in_channels} (the four-slot input has "
+                        f"{network_in_channels(True, model_cfg.out_channels)})")
+    if target != ALL_TARGET:
+        problems.append(f"trained target {target!r} (an all-modality model's is {ALL_TARGET!r})")
+    if extra.get("modality_labels") != list(MODALITIES):
+        problems.append(f"modality_labels={extra.get('modality_labels')!r} (expected {list(MODALITIES)})")
+    if problems:
+        raise CheckpointError(f"{path}: inconsistent all-modality checkpoint: " + "; ".join(problems))
 
 
 def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

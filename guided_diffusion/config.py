@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .constants import FATS_BASES, MODALITIES, PRECISIONS, REFERENCE_STEPS, SAMPLERS, SCHEDULE_KINDS
+from .constants import ALL_TARGET, FATS_BASES, MODALITIES, PRECISIONS, REFERENCE_STEPS, SAMPLERS, SCHEDULE_KINDS
 from .constants import FLOW_SOURCES
 
 logger = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class TrainConfig(_JsonConfig):
 
     data_dir: str = ""
     run_dir: str = "runs/train"
-    target_modality: str = "t2f"
+    target_modality: str = "t2f"  # or ALL_TARGET ("all"): one all-modality model (ModelConfig.num_modality_labels)
     batch_size: int = 1  # per process
     lr: float = 1e-5  # cWDM's AdamW learning rate
     weight_decay: float = 0.0
@@ -218,8 +218,9 @@ class TrainConfig(_JsonConfig):
     cache_dir: str = ""  # cache of preprocessed cases (volume_cache.CachedBratsDataset); "" reads the NIfTI files
 
     def __post_init__(self):
-        if self.target_modality not in MODALITIES:
-            raise ConfigError(f"TrainConfig: target_modality must be one of {MODALITIES}, got {self.target_modality!r}")
+        if self.target_modality not in (*MODALITIES, ALL_TARGET):  # ALL_TARGET: an all-modality model
+            raise ConfigError(f"TrainConfig: target_modality must be one of {(*MODALITIES, ALL_TARGET)}, "
+                              f"got {self.target_modality!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"TrainConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("batch_size", "max_steps", "save_interval", "log_interval"):

@@ -11,6 +11,10 @@ MODALITIES: tuple[str, ...] = ("t1n", "t1c", "t2w", "t2f")
 """BraTS 2023 modalities: native T1, contrast-enhanced T1, T2-weighted, T2-FLAIR. Every case
 tensor holds them in this order along its channel axis."""
 
+ALL_TARGET = "all"
+"""The target of an all-modality model: one network that synthesises any of ``MODALITIES``, told
+which by a class label (its index in ``MODALITIES``); see ``conditioning.split_case_all``."""
+
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 """Network precisions: float32, or bfloat16 autocast of the network (the denoiser decides)."""
 

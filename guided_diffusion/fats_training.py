@@ -23,7 +23,8 @@ from torch.utils.data import Dataset
 from DWT_IDWT import clip_in_image_space, to_subbands
 
 from .checkpoints import save_checkpoint
-from .conditioning import split_case
+from .conditioning import model_inputs, split_case
+from .constants import ALL_TARGET, MODALITIES
 from .config import DiffusionConfig
 from .diffusion import make_denoiser
 from .factory import build_schedule
@@ -46,6 +47,9 @@ def measure_energy(dataset: Dataset, target: str, max_cases: int = DEFAULT_STAT_
                    skip_errors: tuple[type[Exception], ...] = (), skipped: list | None = None) -> dict:
     """Per-band energy statistics of the normalised target subbands inside the brain, on the
     seeded subset ``seeding.case_subset(len(dataset), max_cases, seed)`` (each case read once).
+    ``target`` ``ALL_TARGET`` (an all-modality model) pools the four modalities: every case
+    contributes each of its four volumes, so the energy is the mean over modalities and
+    ``case_energy`` holds four entries per case, in ``MODALITIES`` order.
 
     ``dataset`` items carry ``volumes`` (4, X, Y, Z), ``brain_mask`` (X, Y, Z) and ``case_id``.
     Items raising one of ``skip_errors`` are left out (appended to ``skipped`` when given).
@@ -63,7 +67,8 @@ def measure_energy(dataset: Dataset, target: str, max_cases: int = DEFAULT_STAT_
                 if skipped is not None:
                     skipped.append(err)
                 continue
-            target_volume, _ = split_case(item["volumes"][None], target)
+            volumes = item["volumes"]
+            target_volume = volumes[:, None] if target == ALL_TARGET else split_case(volumes[None], target)[0]
             case_ids.append(item["case_id"])
             yield to_subbands(target_volume), item["brain_mask"][None]
 
@@ -92,13 +97,17 @@ def prepare_fats_schedule(cfg: DiffusionConfig, dataset: Dataset, target: str, s
 
 
 def held_out_cases(dataset: Dataset, target: str, device, max_cases: int = 4, seed: int = 0) -> list[dict]:
-    """Held-out cases in the form :func:`learn_timesteps` expects (x0, cond, mask, case_id)."""
+    """Held-out cases in the form :func:`learn_timesteps` expects (x0, cond, mask, case_id, label).
+    ``target`` ``ALL_TARGET`` (an all-modality model): each case once per modality, with its label
+    (4 x ``max_cases`` entries, the timesteps fitted for every target); ``label`` is None otherwise."""
     cases = []
     for i in case_subset(len(dataset), max_cases, seed):
         item = dataset[i]
-        target_volume, cond = split_case(item["volumes"][None].to(device), target)
-        cases.append({"x0": to_subbands(target_volume), "cond": to_subbands(cond),
-                      "mask": subband_mask(item["brain_mask"][None]).to(device), "case_id": item["case_id"]})
+        for name in (MODALITIES if target == ALL_TARGET else (target,)):
+            target_volume, cond, label = model_inputs(item["volumes"][None].to(device), name, target == ALL_TARGET)
+            cases.append({"x0": to_subbands(target_volume), "cond": to_subbands(cond),
+                          "mask": subband_mask(item["brain_mask"][None]).to(device), "case_id": item["case_id"],
+                          "label": label})
     return cases
 
 
@@ -122,7 +131,8 @@ def fit_sampling_steps(model: torch.nn.Module, schedule: NoiseSchedule, cases: l
     for index, nfe in enumerate(nfes):
         where = {"nfe": int(nfe), "index": index, "budgets": len(nfes)}
         report({"event": "start", **where})
-        result = learn_timesteps(lambda case: make_denoiser(model, schedule, case["cond"], precision=precision),
+        result = learn_timesteps(lambda case: make_denoiser(model, schedule, case["cond"], label=case.get("label"),
+                                                            precision=precision),
                                  schedule, cases, int(nfe), clip=clip_in_image_space if clip else None, seed=seed,
                                  reference=reference, callback=lambda state: report(
                                      {"event": "improved", **state, "evaluations": state["nfe"], **where}))

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .conditioning import network_in_channels
 from .config import DiffusionConfig, ModelConfig, SampleConfig, TrainConfig
+from .constants import MODALITIES
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,10 @@ TINY_MODEL = ModelConfig(num_channels=8, channel_mult=(1, 2), num_res_blocks=1, 
 DEMO_TRAIN = TrainConfig(lr=5e-4, batch_size=2, max_steps=1_500, save_interval=500, log_interval=50, val_interval=500,
                          val_cases=2, image_interval=500, ema_rate=0.99, num_workers=1)
 WFM_SOURCE_NOISE = 0.5  # sigma_src of the noisy-start flow presets (docs/flow_matching.md: a first choice, untuned)
+ALL_MODALITY = dict(in_channels=network_in_channels(True), num_modality_labels=len(MODALITIES))
+"""An all-modality network (docs/all_modality.md): four conditioning slots (40 input channels), the
+target as a label. Its presets train ``len(MODALITIES)`` times the steps of the single-modality one
+they replace: one model, the training budget of the four it replaces."""
 DEMO_SIZE = 0.25  # demo volumes: BraTS geometry scaled by 1/4 -> (60, 60, 39) files, (56, 56, 40) network grid
 
 PRESETS: dict[str, Preset] = {
@@ -75,6 +81,17 @@ PRESETS: dict[str, Preset] = {
         DEMO_TRAIN,
         SampleConfig(sampler="euler", nfe=2),
         "the demo network with flow matching from the condition mean plus noise, 2 Euler steps (CPU)"),
+    "fats_all": Preset(
+        replace(ModelConfig(), **ALL_MODALITY), DiffusionConfig(kind="fats", num_train_steps=1000),
+        replace(FULL_TRAIN, max_steps=len(MODALITIES) * FULL_TRAIN.max_steps),
+        SampleConfig(sampler="ddim", nfe=4),
+        "FATS with ONE network for all four modalities (target as a label; shifts from energy pooled over "
+        "the modalities); train with --target all"),
+    "demo_all": Preset(
+        replace(DEMO_MODEL, **ALL_MODALITY), DiffusionConfig(kind="fast_sampled", fast_intervals=10),
+        replace(DEMO_TRAIN, max_steps=len(MODALITIES) * DEMO_TRAIN.max_steps),
+        SampleConfig(sampler="ddpm", nfe=0),
+        "the demo network as ONE model for all four modalities (target as a label); train with --target all"),
     "tiny": Preset(
         TINY_MODEL, DiffusionConfig(kind="fast_sampled", fast_intervals=10),
         TrainConfig(lr=5e-4, batch_size=1, max_steps=20, save_interval=10, log_interval=1, val_interval=0,

@@ -13,7 +13,7 @@ import torch
 from DWT_IDWT import clip_in_image_space, from_subbands, to_subbands
 
 from .checkpoints import LoadedModel
-from .conditioning import split_case
+from .conditioning import model_inputs
 from .config import SampleConfig
 from .diffusion import make_denoiser, randn
 from .samplers import get_sampler
@@ -71,11 +71,15 @@ def synthesize_volumes(model: torch.nn.Module, schedule: NoiseSchedule, volumes:
         return torch.cat([synthesize_volumes(model, schedule, volumes[i : i + 1], target, cfg, case_ids[i : i + 1],
                                              timesteps, callback) for i in range(volumes.shape[0])])
     device = next(model.parameters()).device
-    _, cond_volumes = split_case(volumes, target)  # only the conditioning travels to the device
+    # only the conditioning travels to the device; an all-modality model (its UNet3D config has labels)
+    # gets the four-slot stack and the target's label (conditioning.model_inputs)
+    all_modality = getattr(getattr(model, "cfg", None), "num_modality_labels", 0) > 0
+    _, cond_volumes, label = model_inputs(volumes, target, all_modality)
     cond = to_subbands(cond_volumes.to(device).float())  # computed once, outside the sampling loop
     if cfg.compile:
         compile_once(model)
-    denoiser = make_denoiser(model, schedule, cond, precision=cfg.precision)
+    denoiser = make_denoiser(model, schedule, cond, label=None if label is None else label.to(device),
+                             precision=cfg.precision)
     # On a GPU the generators live there too (no host-to-device copy of noise per step): a case's
     # sample is reproducible for each device type, and the CPU's is the same as ever.
     generator_device = device if device.type == "cuda" else "cpu"

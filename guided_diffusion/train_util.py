@@ -22,9 +22,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from DWT_IDWT import BAND_NAMES, from_subbands, to_subbands
 
-from .checkpoints import check_resume, load_model, read_checkpoint, resolve_model_source, save_checkpoint
-from .conditioning import split_case
-from .config import DiffusionConfig, ModelConfig, TrainConfig
+from .checkpoints import (all_modality_extra, check_resume, load_model, read_checkpoint, resolve_model_source,
+                          save_checkpoint)
+from .conditioning import model_inputs
+from .config import ConfigError, DiffusionConfig, ModelConfig, TrainConfig
+from .constants import ALL_TARGET, MODALITIES
 from .diffusion import training_losses
 from .flow import flow_training_losses
 from .factory import build_model, build_schedule
@@ -136,6 +138,14 @@ class Trainer:
         self.device = self.dist.device
         self.train_set, self.val_set = train_set, val_set
         self.extra = dict(extra or {})
+        # an all-modality model (one network, the target a label per batch element): docs/all_modality.md
+        self.all_modality = model_cfg.num_modality_labels > 0
+        if self.all_modality != (train_cfg.target_modality == ALL_TARGET):
+            raise ConfigError(f"Trainer: target_modality {train_cfg.target_modality!r} needs "
+                              f"{'an all-modality' if train_cfg.target_modality == ALL_TARGET else 'a single-modality'}"
+                              f" model (num_modality_labels={model_cfg.num_modality_labels})")
+        if self.all_modality:
+            self.extra.update(all_modality_extra())
         torch.manual_seed(derive_seed(train_cfg.seed, 0))  # identical initial weights on every rank
         self.model = build_model(model_cfg).to(self.device)
         self.target_schedule = schedule or build_schedule(diffusion_cfg)
@@ -205,10 +215,22 @@ class Trainer:
         shifts = ramped_shifts(torch.tensor(self.diffusion_cfg.band_shifts), step, ramp)
         return build_schedule(replace(self.diffusion_cfg, band_shifts=tuple(float(s) for s in shifts)))
 
-    def _batch_to_subbands(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch_to_subbands(self, batch: dict, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, cond) subbands of a batch: the run's target, or each case's ``labels`` (B,) for an
+        all-modality model (``conditioning.model_inputs``: its target slot is a placeholder)."""
         volumes = batch["volumes"].to(self.device, non_blocking=True)
-        target, cond = split_case(volumes, self.cfg.target_modality)
+        target, cond, _ = model_inputs(volumes, self.cfg.target_modality if labels is None else labels,
+                                       self.all_modality)
         return to_subbands(target), to_subbands(cond)
+
+    def _labels_for_step(self, batch_size: int) -> torch.Tensor | None:
+        """An all-modality model's targets of this step: one uniform draw from ``MODALITIES`` per
+        batch element (B,) from the step's own stream (seed, step, rank, 3), so a resumed run draws
+        the same and the t / noise stream is the one a single-modality run uses. None otherwise."""
+        if not self.all_modality:
+            return None
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, self.step, self.dist.rank, 3))
+        return torch.randint(0, len(MODALITIES), (batch_size,), generator=gen).to(self.device)
 
     def _update_ema(self) -> None:
         rate = self.cfg.ema_rate
@@ -216,7 +238,8 @@ class Trainer:
             torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - rate)
 
     def train_step(self, batch: dict) -> dict:
-        x0, cond = self._batch_to_subbands(batch)
+        labels = self._labels_for_step(batch["volumes"].shape[0])
+        x0, cond = self._batch_to_subbands(batch, labels)
         schedule = self._schedule_at(self.step)
         # t and the noise are drawn on the training device (no 32 MB host-to-device copy per full-size
         # step on a GPU); on the CPU this is the same stream as ever, so CPU runs are unchanged.
@@ -225,7 +248,7 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=gen, device=self.device)
         weights = torch.tensor(self.cfg.band_weights) if self.cfg.band_weights else None
         self.model.train()
-        out = self.loss_terms(self.forward_model, schedule, x0, cond, t, noise, band_weights=weights,
+        out = self.loss_terms(self.forward_model, schedule, x0, cond, t, noise, label=labels, band_weights=weights,
                               precision=self.cfg.precision)
         loss = out["loss"].mean()
         self._stop_unless_finite(loss.detach(), "loss")
@@ -261,14 +284,19 @@ class Trainer:
         losses = []
         schedule = self.target_schedule
         ts = torch.linspace(0, schedule.num_steps - 1, n_timesteps).round().long()
+        # an all-modality model is scored on every target of every case (the same noise for each)
+        targets = [torch.tensor([k], device=self.device) for k in range(len(MODALITIES))] if self.all_modality \
+            else [None]
         for i in range(len(self.val_set)):
-            x0, cond = self._batch_to_subbands(_collate([self.val_set[i]]))
-            gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, i, 2))
-            for t in ts:
-                noise = torch.randn(x0.shape, generator=gen).to(self.device)
-                out = self.loss_terms(self.ema, schedule, x0, cond, t.view(1).to(self.device), noise,
-                                      precision=self.cfg.precision)
-                losses.append(out["loss"].float().mean().item())
+            batch = _collate([self.val_set[i]])
+            for labels in targets:
+                x0, cond = self._batch_to_subbands(batch, labels)
+                gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, i, 2))
+                for t in ts:
+                    noise = torch.randn(x0.shape, generator=gen).to(self.device)
+                    out = self.loss_terms(self.ema, schedule, x0, cond, t.view(1).to(self.device), noise, label=labels,
+                                          precision=self.cfg.precision)
+                    losses.append(out["loss"].float().mean().item())
         return sum(losses) / len(losses)
 
     def _tb(self):

@@ -17,7 +17,7 @@ from pathlib import Path
 from guided_diffusion import cli
 from guided_diffusion.bratsloader import BratsDataset
 from guided_diffusion.checkpoints import is_bare_state_dict, load_model, read_checkpoint, resolve_model_source
-from guided_diffusion.constants import PRECISIONS
+from guided_diffusion.constants import ALL_TARGET, PRECISIONS
 from guided_diffusion.fats_training import DEFAULT_NFE, FATS_NFE_BUDGETS, fit_and_store_timesteps, held_out_cases
 
 logger = logging.getLogger("fats_fit_steps")
@@ -27,7 +27,9 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint", required=True, help="a .pt/.safetensors path or hf://<org>/<repo>/<file>[@rev]")
     p.add_argument("--data_dir", required=True, help="held-out cases with all four modalities")
-    cli.add_target_argument(p, "the modality the model synthesises", required=True)
+    cli.add_target_argument(p, "the modality the model synthesises; 'all' for an all-modality model (the timesteps "
+                               "are then fitted on every modality of each case: they serve all four)",
+                            allow_all=True, required=True)
     p.add_argument("--nfe", type=int, nargs="+", default=list(FATS_NFE_BUDGETS),
                    help="NFE budgets whose timesteps are learned (default %(default)s)")
     p.add_renamed_flag("--k", "--nfe")
@@ -63,6 +65,10 @@ def main(argv=None) -> int:
     device = cli.default_device(args.device)
     source = resolve_model_source(args.checkpoint)
     loaded = load_model(source, device=device)
+    if loaded.all_modality != (args.target == ALL_TARGET):
+        return cli.fatal(f"{args.checkpoint}: " + ("an all-modality model: pass --target all" if loaded.all_modality
+                                                   else "a single-modality model: --target all needs an all-modality "
+                                                        "model (docs/all_modality.md)"))
     cases, failures, geometry = cli.find_cases(args.data_dir, "train", check_data=False)
     cli.check_fits_model(geometry, loaded, args.checkpoint, args.data_dir)
     for failure in failures:

@@ -6,7 +6,9 @@ r"""Fill in the missing modality of every case in a folder (BraSyn "auto" mode).
 (installed: ``fast-cwdm-sample-auto`` with the same flags).
 
 For each case with exactly one of t1n/t1c/t2w/t2f missing, detects which, picks that modality's
-model, synthesises it and writes <out_dir>/<case>/<case>-<missing>.nii.gz on the case's original
+model (or the all-modality model, ``--checkpoint all=SOURCE`` / <model_dir>/all/best.pt, for every
+modality without a model of its own; docs/all_modality.md),
+synthesises it and writes <out_dir>/<case>/<case>-<missing>.nii.gz on the case's original
 grid with its header. Default output: a new folder <data_dir>_completed; --in_place writes into
 the input folder (never overwriting a file). Bad cases are reported at the end (exit code 1).
 ``--num_samples M`` > 1: the written modality is the mean of M samples, with its per-voxel std
@@ -23,11 +25,11 @@ from tqdm import tqdm
 from guided_diffusion import case_runner, cli
 from guided_diffusion.bratsloader import (CaseError, expected_path, load_case, save_volume, synthesis_description,
                                          to_original_grid)
-from guided_diffusion.checkpoints import CheckpointError, load_model, resolve_model_source
+from guided_diffusion.checkpoints import CheckpointError, ModelKindError, load_model, resolve_model_source
 from guided_diffusion.conditioning import zero_outside_head
 from guided_diffusion.ensembles import case_ensemble, save_ensemble
 from guided_diffusion.fileio import save_json
-from guided_diffusion.constants import MODALITIES
+from guided_diffusion.constants import ALL_TARGET, MODALITIES
 from guided_diffusion.provenance import model_provenance
 from guided_diffusion.runinfo import run_info
 from guided_diffusion.synthesis import synthesize
@@ -42,10 +44,13 @@ def parse_args(argv=None):
     p.add_argument("--data_dir", required=True, help="folder of cases, each with exactly one modality missing")
     p.add_argument("--checkpoint", action="append", default=[], metavar="MOD=SOURCE",
                    help="model for one modality: a local .pt/.safetensors path or hf://<org>/<repo>/<file>[@revision]"
-                        " (repeatable; overrides --model_dir)")
+                        " (repeatable; overrides --model_dir); MOD 'all': an all-modality model for every modality "
+                        "without a model of its own")
     p.add_renamed_flag("--model", "--checkpoint")
     p.add_argument("--model_dir", default=None,
-                   help="folder with one model per modality: <mod>/best.pt, <mod>/latest.pt, <mod>.safetensors or <mod>.pt")
+                   help="folder with one model per modality: <mod>/best.pt, <mod>/latest.pt, <mod>.safetensors or "
+                        "<mod>.pt, and/or an all-modality model for the others: all/best.pt, all/latest.pt, "
+                        "all.safetensors or all.pt")
     p.add_argument("--out_dir", default=None, help="output folder (default: <data_dir>_completed)")
     p.add_argument("--in_place", action="store_true", help="write into --data_dir itself (never overwrites a file)")
     p.add_argument("--hf_cache", default=None, help="Hugging Face cache folder (default: the hub's own)")
@@ -58,22 +63,46 @@ def parse_args(argv=None):
 
 
 def model_sources(args) -> dict[str, str]:
+    """MOD (or ``all``) -> checkpoint source. A modality's model: its own ``--checkpoint MOD=``, else
+    ``--checkpoint all=``, else <model_dir>'s model of the modality, else <model_dir>'s all-modality
+    model (:func:`model_key` reads the result in that order)."""
     sources = {}
     if args.model_dir and not Path(args.model_dir).is_dir():
         raise ValueError(f"--model_dir {args.model_dir}: folder does not exist or is not a folder")
     if args.model_dir:
-        for m in MODALITIES:
+        for m in (*MODALITIES, ALL_TARGET):
             for pattern in CHECKPOINT_NAMES:
                 path = Path(args.model_dir) / pattern.format(m=m)
                 if path.is_file():
                     sources[m] = str(path)
                     break
+    explicit = {}
     for spec in args.checkpoint:
         mod, sep, source = spec.partition("=")
-        if not sep or mod not in MODALITIES or not source:
-            raise ValueError(f"--checkpoint {spec!r}: expected MOD=SOURCE with MOD one of {MODALITIES}")
-        sources[mod] = source
-    return sources
+        if not sep or mod not in (*MODALITIES, ALL_TARGET) or not source:
+            raise ValueError(f"--checkpoint {spec!r}: expected MOD=SOURCE with MOD one of {(*MODALITIES, ALL_TARGET)}")
+        explicit[mod] = source
+    if ALL_TARGET in explicit:  # an explicit all-modality model comes before every model of the folder
+        sources = {}
+    return {**sources, **explicit}
+
+
+def model_key(mod: str, sources: dict[str, str]) -> str | None:
+    """Which entry of :func:`model_sources` synthesises ``mod``: its own, else ``all``, else None."""
+    return mod if mod in sources else ALL_TARGET if ALL_TARGET in sources else None
+
+
+def check_model_kind(loaded, key: str, source: str) -> None:
+    """ModelKindError (fatal, before any case) for an all-modality model given for one modality
+    or a single-modality model given as ``all``."""
+    if key == ALL_TARGET and not loaded.all_modality:
+        trained = loaded.target_modality or "an unknown modality"
+        raise ModelKindError(f"{source}: given as the all-modality model (--checkpoint all=... or <model_dir>/all) "
+                             f"but it is a single-modality model (trained for {trained}); give it as "
+                             f"--checkpoint {loaded.target_modality or 'MOD'}={source}")
+    if key != ALL_TARGET and loaded.all_modality:
+        raise ModelKindError(f"{source}: given as the {key} model (--checkpoint {key}=... or <model_dir>/{key}) but it "
+                             f"is an all-modality model; give it as --checkpoint all={source}")
 
 
 def unused_path(path: Path) -> Path:
@@ -101,18 +130,33 @@ def main(argv=None) -> int:
     cases, failures, geometry = cli.find_cases(str(data_dir), "auto", check_data=False)
     needed = sorted({c.missing for c in cases})
     models, configs, model_errors, provenance = {}, {}, {}, {}
+    by_key = {}  # "all" or MOD -> (loaded, config, provenance) | CheckpointError: the all-modality model loads once
     for mod in needed:
-        if mod not in sources:
-            model_errors[mod] = f"no model for {mod}: pass --checkpoint {mod}=<checkpoint> or a --model_dir with {mod}/best.pt"
+        key = model_key(mod, sources)
+        if key is None:
+            model_errors[mod] = (f"no model for {mod}: pass --checkpoint {mod}=<checkpoint> (or all=<all-modality "
+                                 f"checkpoint>) or a --model_dir with {mod}/best.pt or all/best.pt")
             continue
         try:
-            path = resolve_model_source(sources[mod], args.hf_cache)
-            loaded = load_model(path, device=device, cwdm_args=args.cwdm_args)
-            cli.check_model_target(loaded, mod, sources[mod])
-            cli.check_fits_model(geometry, loaded, sources[mod], str(data_dir))  # a CaseError is fatal: not caught
+            if key not in by_key:
+                try:
+                    path = resolve_model_source(sources[key], args.hf_cache)
+                    loaded = load_model(path, device=device, cwdm_args=args.cwdm_args)
+                    check_model_kind(loaded, key, sources[key])  # ModelKindError: fatal, nothing written
+                    cli.check_fits_model(geometry, loaded, sources[key], str(data_dir))  # a CaseError is fatal too
+                    cfg = cli.sample_config_from_args(args, cli.checkpoint_sample_defaults(loaded))
+                    by_key[key] = (loaded, cfg, model_provenance(loaded, sources[key], path, cfg))
+                except ModelKindError:
+                    raise
+                except CheckpointError as err:
+                    by_key[key] = err
+            if isinstance(by_key[key], CheckpointError):
+                raise by_key[key]
+            loaded, configs[mod], provenance[mod] = by_key[key]
+            cli.check_model_target(loaded, mod, sources[key])
             models[mod] = loaded
-            configs[mod] = cli.sample_config_from_args(args, cli.checkpoint_sample_defaults(loaded))
-            provenance[mod] = model_provenance(loaded, sources[mod], path, configs[mod])
+        except ModelKindError:
+            raise
         except CheckpointError as err:
             model_errors[mod] = str(err)
     order, share = [c.case_id for c in cases], case_runner.split_cases(cases, ranks)

@@ -18,7 +18,7 @@ from guided_diffusion import cli
 from guided_diffusion.bratsloader import BratsDataset, CaseError
 from guided_diffusion.checkpoints import read_checkpoint
 from guided_diffusion.fileio import save_json
-from guided_diffusion.constants import MODALITIES, PRECISIONS
+from guided_diffusion.constants import ALL_TARGET, MODALITIES, PRECISIONS
 from guided_diffusion.fats_training import (FATS_NFE_BUDGETS, fit_and_store_timesteps, held_out_cases,
                                             prepare_fats_schedule)
 from guided_diffusion.presets import get_preset
@@ -38,8 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--val_dir", default=None, help="folder of validation cases with all four modalities "
                                                    "(default: hold out --val_cases cases of --data_dir)")
     p.add_argument("--run_dir", default="runs/train", help="output folder; one sub-folder per target modality")
-    cli.add_target_argument(p, "modality to synthesise, or 'all' for one model per modality in turn (default t2f)",
-                            allow_all=True, default="t2f")
+    cli.add_target_argument(p, "modality to synthesise, or 'all': one model per modality in turn, or with an "
+                               "all-modality preset (demo_all, fats_all) its one model for every modality "
+                               "(default t2f)", allow_all=True, default="t2f")
     p.add_argument("--max_steps", type=int, default=None, help="total training steps (preset default otherwise)")
     p.add_argument("--save_interval", type=int, default=None, help="steps between checkpoints (latest.pt)")
     p.add_argument("--val_interval", type=int, default=None, help="steps between validations (best.pt); 0 = never")
@@ -162,9 +163,21 @@ def fit_fats_steps(trainer, val_set, target: str, run_dir: Path, precision: str,
     logger.info("stored learned sampling timesteps for NFE = %s (fitted on %s)", sorted(results), source.name)
 
 
+def models_to_train(preset, preset_name: str, target: str) -> list[str]:
+    """The run folders (targets) ``--target`` asks for: ``all`` is one model per modality, except
+    for an all-modality preset, whose one model (folder ``all``) is the only thing it trains."""
+    if preset.model.num_modality_labels:
+        if target != ALL_TARGET:
+            raise ValueError(f"--preset {preset_name} is one model for all modalities: train it with --target "
+                             f"{ALL_TARGET} (got --target {target})")
+        return [ALL_TARGET]
+    return list(MODALITIES) if target == ALL_TARGET else [target]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     preset = get_preset(args.preset)
+    targets = models_to_train(preset, args.preset, args.target)
     dist = setup_distributed(prefer_cuda=not args.cpu)
     cases, failures, geometry = cli.find_cases(args.data_dir, "train", check_data=not args.skip_data_check)
     if args.val_dir:
@@ -183,7 +196,6 @@ def main(argv=None) -> int:
         train_cases, val_cases = cases[: len(cases) - n_val], cases[len(cases) - n_val:]
     logger.info("%d training cases, %d validation cases, network grid %s (preset %s)", len(train_cases),
                 len(val_cases), geometry.network_shape, args.preset)
-    targets = list(MODALITIES) if args.target == "all" else [args.target]
     for target in targets:
         lock = hold_run_lock(Path(args.run_dir) / target) if dist.is_main else contextlib.nullcontext()
         try:
