@@ -262,3 +262,14 @@ def test_the_figure_draws_the_std_map_beside_the_error_on_the_error_scale(tmp_pa
                             error_pair=(0, 1), uncertainty=uncertainty)
         counts.append((np.abs(imread(path)[..., :3] - colour).max(axis=-1) < 0.02).sum())
     assert counts[0] < 200 < 1000 < counts[1], counts  # (the colour bars hold a sliver of it)
+
+
+def test_the_ensemble_benchmark_runs_and_records_every_m(tmp_path):
+    from benchmarks import bench_ensembles
+
+    out = tmp_path / "ensembles.json"
+    assert bench_ensembles.main(["--config", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0",
+                                 "--nfe", "2", "--num_samples", "1", "3", "--out", str(out)]) == 0
+    entry = json.loads(out.read_text())["results"]["tiny/cpu"]
+    assert set(entry["num_samples"]) == {"1", "3"} and entry["nfe"] == 2
+    assert all(row["seconds_per_case"] > 0 for row in entry["num_samples"].values())
