@@ -107,9 +107,9 @@ def floors_from_dataset(test_dir: str | Path, modalities: tuple[str, ...] = MODA
                 m: case_floors(torch.from_numpy(data.volumes[MODALITIES.index(m)]),
                                demo_data_v2.oracle_network_grid(case.folder, m, geometry), brain, tumour)
                 for m in modalities}
-        except CaseError as err:
-            errors.append(err)
-            logger.error("skipping case: %s", err)
+        except (CaseError, ValueError) as err:  # ValueError: too few draws, a constant volume
+            errors.append(err if isinstance(err, CaseError) else CaseError(case.folder, str(err)))
+            logger.error("skipping case: %s", errors[-1])
     return per_case, errors
 
 

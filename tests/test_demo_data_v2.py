@@ -237,6 +237,16 @@ def test_floors_command_reports_a_case_without_oracle(demo, tmp_path):
     assert list(json.loads((tmp_path / "f.json").read_text())["cases"]) == ["BraTS-DEMO-30001-000"]
 
 
+def test_floors_skip_a_case_with_one_oracle_draw(demo, tmp_path):
+    data = tmp_path / "test"
+    shutil.copytree(demo / "test", data)
+    for n in range(2, COUNTS["oracle_draws"] + 1):
+        v2.oracle_path(data / TEST_CASE, "t2w", n).unlink()
+    per_case, errors = demo_floors.floors_from_dataset(data, ("t2w",))
+    assert list(per_case) == ["BraTS-DEMO-30001-000"]
+    assert len(errors) == 1 and f"{TEST_CASE}: demo_floors.py: need at least 2 oracle draws, got 1" in str(errors[0])
+
+
 def test_make_demo_data_version_flags(tmp_path):
     script = [sys.executable, str(REPO_ROOT / "scripts" / "make_demo_data.py"), "--size", str(SIZE), "--levels", "2"]
     done = subprocess.run(script + ["--out", str(tmp_path / "v2"), "--version", "2", "--n_train", "1",
