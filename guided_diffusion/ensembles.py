@@ -62,11 +62,11 @@ def synthesize_ensemble(loaded: LoadedModel, volumes: torch.Tensor, target: str,
 
 def ensemble_mean_std(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-voxel mean and standard deviation (unbiased, M - 1 in the denominator: ``torch.std``'s
-    default) of (M, ...) samples, M >= 2; computed in float64, returned as float32 (...) each."""
+    default) of (M, ...) samples, M >= 2: two (...) tensors of the samples' dtype (no wider copy of
+    the M samples is made)."""
     if samples.shape[0] < 2:
         raise ValueError(f"ensemble_mean_std: need at least 2 samples for a std, got {samples.shape[0]}")
-    wide = samples.double()
-    return wide.mean(dim=0).float(), wide.std(dim=0).float()
+    return samples.mean(dim=0), samples.std(dim=0)
 
 
 def case_ensemble(loaded: LoadedModel, volumes: torch.Tensor, target: str, cfg: SampleConfig, case_id: str,
@@ -114,10 +114,9 @@ def save_ensemble(out_path: Path, target: str, ensemble: Ensemble, geometry: Geo
     Returns:
         the paths written, the synthesis last.
     """
-    samples, mean, std = (to_original_grid(v.numpy(), geometry) for v in (ensemble.samples, ensemble.mean,
-                                                                            ensemble.std))
-    m = samples.shape[0]
-    files = [(sample_path(out_path, target, i), samples[i], f"SAMPLE {i} of {m}") for i in range(m) if save_samples]
-    files += [(std_path(out_path, target), std, f"STD MAP of {m}"), (out_path, mean, f"MEAN of {m}")]
-    return [save_volume(path, volume, reference, overwrite=overwrite,
+    m = ensemble.samples.shape[0]
+    files = [(sample_path(out_path, target, i), ensemble.samples[i], f"SAMPLE {i} of {m}")
+             for i in range(m) if save_samples]
+    files += [(std_path(out_path, target), ensemble.std, f"STD MAP of {m}"), (out_path, ensemble.mean, f"MEAN of {m}")]
+    return [save_volume(path, to_original_grid(volume.numpy(), geometry), reference, overwrite=overwrite,
                         description=ensemble_description(description, what)) for path, volume, what in files]
