@@ -129,6 +129,10 @@ def add_sampling_arguments(parser: ArgumentParser) -> None:
                         "(learned FATS steps or all steps)")
     p.add_renamed_flag("--steps", "--nfe")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--warm_start_t", type=int, default=None, metavar="STEP",
+                   help="warm start: 1 evaluation at the last step (the regression estimate), noised to schedule "
+                        "step STEP, then the rest of --nfe from there (--nfe counts all; 0 = plain sampling from "
+                        "noise; default: the checkpoint's, e.g. FATS v2's)")
     p.add_argument("--no_clip", action="store_true", help="disable cWDM's x0 clipping (IDWT, clamp [0,1], DWT)")
     p.add_argument("--seed", type=int, default=None, help="seed; each case's noise depends on (seed, case id) only")
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="bf16 = autocast the network")
@@ -228,7 +232,8 @@ def override(cfg, **changes):
 
 def sample_config_from_args(args: argparse.Namespace, checkpoint_default: SampleConfig) -> SampleConfig:
     """The checkpoint's sampling settings with the flags of :func:`add_sampling_arguments` applied."""
-    return override(checkpoint_default, sampler=args.sampler, nfe=args.nfe, eta=args.eta, seed=args.seed,
+    return override(checkpoint_default, sampler=args.sampler, nfe=args.nfe, eta=args.eta,
+                    warm_start_t=args.warm_start_t, seed=args.seed,
                     precision=args.precision, clip_denoised=False if args.no_clip else None, compile=args.compile)
 
 

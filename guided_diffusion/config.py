@@ -216,6 +216,10 @@ class TrainConfig(_JsonConfig):
     init_from: str = ""  # start from these weights (e.g. cWDM's), not a resume
     compile: bool = False  # torch.compile the network for the training steps (GPU: see benchmarks/gpu_suite.py)
     cache_dir: str = ""  # cache of preprocessed cases (volume_cache.CachedBratsDataset); "" reads the NIfTI files
+    # which schedule steps training draws t from: parse_train_timesteps (docs/fats_v2.md)
+    train_timesteps: str = "uniform"
+    min_snr_gamma: float = 0.0  # > 0: per-band x0-loss weights clamp(SNR_b(t), 1, gamma) (diffusion.snr_weights)
+    residual_from: str = ""  # FATS v2: shift by the residual energy of this regression checkpoint's estimate
 
     def __post_init__(self):
         if self.target_modality not in (*MODALITIES, ALL_TARGET):  # ALL_TARGET: an all-modality model
@@ -232,6 +236,9 @@ class TrainConfig(_JsonConfig):
             raise ConfigError("TrainConfig: intervals and counts must be >= 0")
         if self.band_weights and (len(self.band_weights) != 8 or min(self.band_weights) < 0):
             raise ConfigError(f"TrainConfig: band_weights needs 8 non-negative values, got {self.band_weights}")
+        parse_train_timesteps(self.train_timesteps)
+        if self.min_snr_gamma < 0:
+            raise ConfigError(f"TrainConfig: min_snr_gamma must be >= 0 (0 = off), got {self.min_snr_gamma}")
 
 
 @dataclass(frozen=True)
@@ -252,6 +259,7 @@ class SampleConfig(_JsonConfig):
     seed: int = 0
     precision: str = "fp32"
     compile: bool = False  # torch.compile the network once per loaded model (first call compiles)
+    warm_start_t: int = 0  # > 0: 1 NFE at the last step, its x0 noised to this step, the rest of nfe from there
 
     @classmethod
     def _upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -260,7 +268,34 @@ class SampleConfig(_JsonConfig):
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"SampleConfig: sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.nfe < 0 or self.eta < 0:
+        if self.nfe < 0 or self.eta < 0 or self.warm_start_t < 0:
             raise ConfigError(f"SampleConfig: need nfe >= 0 and eta >= 0: {self}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"SampleConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+TRAIN_TIMESTEP_KINDS: tuple[str, ...] = ("uniform", "last", "last_mass", "sampled")
+
+
+def parse_train_timesteps(spec: str) -> tuple[str, float]:
+    """``TrainConfig.train_timesteps`` -> (kind, p): the distribution training draws t from.
+
+    ``"uniform"``: every step of the schedule equally likely (cWDM, the default);
+    ``"last"``: only the last step T - 1 (x_T is pure noise: regression of E[x0 | cond], variant R);
+    ``"last_mass:<p>"``: uniform, plus extra probability p in (0, 1] at T - 1 (variant Ctrl);
+    ``"sampled"``: uniform over the steps the sampler will visit (FATS v2, stored in the FATS state).
+    p is 0 except for ``last_mass``.
+    """
+    kind, _, value = str(spec).partition(":")
+    if kind not in TRAIN_TIMESTEP_KINDS or bool(value) != (kind == "last_mass"):
+        raise ConfigError(f"TrainConfig: train_timesteps must be 'uniform', 'last', 'last_mass:<p>' or 'sampled', "
+                          f"got {spec!r}")
+    if kind != "last_mass":
+        return kind, 0.0
+    try:
+        p = float(value)
+    except ValueError:
+        raise ConfigError(f"TrainConfig: train_timesteps {spec!r}: {value!r} is not a number") from None
+    if not 0.0 < p <= 1.0:
+        raise ConfigError(f"TrainConfig: train_timesteps {spec!r}: the extra mass must be in (0, 1]")
+    return kind, p

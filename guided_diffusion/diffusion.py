@@ -69,24 +69,41 @@ def make_denoiser(model: nn.Module, schedule: NoiseSchedule, cond: torch.Tensor,
     return denoiser
 
 
+def snr_weights(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-band x0-loss weights ``clamp(SNR_b(t), 1, gamma)``, (B, C) float32 (FATS v2, step 3).
+
+    Min-SNR-gamma (Hang et al. 2023, arXiv 2303.09556) in x0 terms weights band b's x0 MSE by
+    ``min(SNR_b, gamma)``; the floor at 1 (Salimans & Ho's truncated SNR) keeps plain x0 MSE where
+    x_t carries no signal, so the last step, the regression estimate a warm start needs, stays trained.
+    With per-band schedules every band gets its own weight at the same t.
+    """
+    if gamma < 1:
+        raise ValueError(f"snr_weights: gamma must be >= 1, got {gamma}")
+    ab = schedule.alpha_bar_at(t)
+    return (ab / (1.0 - ab)).clamp(1.0, gamma).float()
+
+
 def training_losses(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, cond: torch.Tensor,
                     t: torch.Tensor, noise: torch.Tensor, *, label: torch.Tensor | None = None,
-                    band_weights: torch.Tensor | None = None, precision: str = "fp32") -> dict[str, torch.Tensor]:
+                    band_weights: torch.Tensor | None = None, precision: str = "fp32",
+                    snr_gamma: float = 0.0) -> dict[str, torch.Tensor]:
     """cWDM's loss: MSE of the x0 prediction, reported per band.
 
     Noise is drawn in wavelet space (equivalent to image space for an orthonormal transform).
     The network runs through :func:`make_denoiser` (so ``precision`` means what it means there).
+    ``snr_gamma`` > 0 multiplies each band's MSE by :func:`snr_weights` before the band average.
     Returns ``loss`` (B,) (band-weighted mean, uniform weights by default), ``per_band`` (B, C)
-    and ``pred_x0`` (B, C, d, h, w).
+    (unweighted) and ``pred_x0`` (B, C, d, h, w).
     """
     x_t = q_sample(schedule, x0, t, noise)
     pred_x0 = make_denoiser(model, schedule, cond, label=label, precision=precision)(x_t, t)
     per_band = ((pred_x0.float() - x0.float()) ** 2).mean(dim=(2, 3, 4))
+    weighted = per_band * snr_weights(schedule, t, snr_gamma).to(per_band.device) if snr_gamma else per_band
     if band_weights is None:
-        loss = per_band.mean(dim=1)
+        loss = weighted.mean(dim=1)
     else:
         w = band_weights.to(per_band)
-        loss = (per_band * w).sum(dim=1) / w.sum()
+        loss = (weighted * w).sum(dim=1) / w.sum()
     return {"loss": loss, "per_band": per_band, "pred_x0": pred_x0}
 
 

@@ -29,6 +29,7 @@ from DWT_IDWT import BAND_NAMES, LLL_SCALE
 
 __all__ = [
     "FatsState", "LearnedTimesteps", "band_energy_stats", "ramped_shifts", "shifts_from_energy", "subband_mask",
+    "warm_start_step",
 ]
 
 logger = logging.getLogger(__name__)
@@ -148,8 +149,8 @@ def shifts_from_energy(stats: dict, kappa: float = 1.0, reference: str | float =
         One shift per band, in ``BAND_NAMES`` order (ready for ``DiffusionConfig.band_shifts``).
     """
     energy = {b: float(stats[key][b]) for b in BAND_NAMES}
-    if min(energy.values()) <= 0:
-        raise ValueError(f"shifts_from_energy: band {key} must be positive, got {energy}")
+    if min(energy.values()) < 0 or max(energy.values()) <= 0:
+        raise ValueError(f"shifts_from_energy: band {key} must be >= 0 and not all zero, got {energy}")
     if groups is not None:
         seen = [b for g in groups for b in g]
         if sorted(seen) != sorted(BAND_NAMES):
@@ -161,6 +162,8 @@ def shifts_from_energy(stats: dict, kappa: float = 1.0, reference: str | float =
     if reference == "mean":
         ref = sum(values) / len(values)
     elif reference == "geomean":
+        if min(values) <= 0:
+            raise ValueError(f"shifts_from_energy: reference 'geomean' needs every band's {key} > 0, got {energy}")
         ref = math.exp(sum(math.log(v) for v in values) / len(values))
     elif isinstance(reference, str):
         if reference not in energy:
@@ -171,7 +174,37 @@ def shifts_from_energy(stats: dict, kappa: float = 1.0, reference: str | float =
         ref = float(reference)
         if ref <= 0:
             raise ValueError(f"shifts_from_energy: reference energy must be positive, got {ref}")
-    return tuple(min(max(-kappa * math.log(energy[b] / ref), -max_shift), max_shift) for b in BAND_NAMES)
+    if ref <= 0:
+        raise ValueError(f"shifts_from_energy: the reference {key} must be positive, got {ref}")
+
+    def shift(e: float) -> float:  # a band with zero energy (nothing left to generate): the largest shift
+        return kappa * max_shift if e == 0 else -kappa * math.log(e / ref)
+
+    return tuple(min(max(shift(energy[b]), -max_shift), max_shift) for b in BAND_NAMES)
+
+
+def warm_start_step(log_snr: torch.Tensor, residual_energy: Sequence[float]) -> int:
+    """FATS v2's per-band warm start: the step t* at which each band's noise best matches its residual.
+
+    Starting from a regression estimate x0_hat whose band b is off by about R_b (mean square),
+    band b should enter the reverse process where its noise variance relative to the signal,
+    ``1 / SNR_b(t)``, equals R_b: ``lambda_b(t) = -log R_b``. With shifts from the residual energies
+    (:func:`shifts_from_energy` of the residual statistics) the bands reach their levels at about
+    one shared step; this returns the step minimising ``sum_b (lambda_b(t) + log R_b)^2`` over
+    ``t < T - 1`` (bands with R_b = 0 are left out: any noise level suits them).
+    Args:
+        log_snr: (n_bands, T) per-band log-SNR of the schedule (``NoiseSchedule.log_snr``).
+        residual_energy: (n_bands,) R_b, in the schedule's band order.
+    """
+    residual = torch.as_tensor(residual_energy, dtype=torch.float64).flatten()
+    if log_snr.ndim != 2 or residual.numel() != log_snr.shape[0] or log_snr.shape[1] < 3:
+        raise ValueError(f"warm_start_step: need (bands, T >= 3) log-SNR and one residual per band, got "
+                         f"{tuple(log_snr.shape)} and {residual.numel()}")
+    used = residual > 0
+    if not bool(used.any()) or bool((residual < 0).any()):
+        raise ValueError(f"warm_start_step: residual energies must be >= 0 and not all zero, got {residual.tolist()}")
+    mismatch = ((log_snr[used, : -1].double() + residual[used].log()[:, None]) ** 2).sum(dim=0)
+    return int(mismatch[1:].argmin()) + 1  # t* >= 1 (step 0 is the clean end's neighbour)
 
 
 # --------------------------------------------------------------------------- 2. shift ramp
@@ -187,12 +220,15 @@ def ramped_shifts(shifts: Sequence[float], step: int, ramp_steps: int) -> tuple[
 # --------------------------------------------------------------------------- 3. checkpoint state
 
 
-FATS_STATE_VERSION = 2
-"""Version 2: learned entries under ``timesteps``/``uniform_timesteps`` and ``default_nfe`` inside
-the state. Version 1 (read, never written) spelled them ``steps``/``uniform_steps`` and kept the
-default budget as ``default_k`` beside the state."""
+FATS_STATE_VERSION = 3
+"""Version 3 (FATS v2) adds ``residual_stats`` (the residual energies R_b the shifts came from) and
+``train_timesteps`` (the planned steps a ``train_timesteps="sampled"`` run trains on). Version 2
+(read: both None) has learned entries under ``timesteps``/``uniform_timesteps`` and ``default_nfe``
+inside the state. Version 1 (read, never written) spelled them ``steps``/``uniform_steps`` and kept
+the default budget as ``default_k`` beside the state."""
 
-_STATE_KEYS = ("version", "energy_stats", "band_shifts", "kappa", "learned", "default_nfe", "extra")
+_STATE_KEYS = ("version", "energy_stats", "band_shifts", "kappa", "learned", "default_nfe", "extra",
+               "residual_stats", "train_timesteps")
 
 
 @dataclass(frozen=True)
@@ -250,6 +286,9 @@ class FatsState:
         learned: NFE -> :class:`LearnedTimesteps` (each entry's NFE equals its key).
         default_nfe: the budget sampling uses when none is requested (its learned steps), or None.
         extra: any other JSON-serialisable notes.
+        residual_stats: FATS v2: a :func:`band_energy_stats` result of residuals x0 - x0_hat of a
+            regression estimate (``label="residual"``), which the shifts came from; or None.
+        train_timesteps: FATS v2: the step indices a ``train_timesteps="sampled"`` run draws t from, or None.
     """
 
     energy_stats: dict | None = None
@@ -258,8 +297,12 @@ class FatsState:
     learned: dict[int, LearnedTimesteps] = field(default_factory=dict)
     default_nfe: int | None = None
     extra: dict = field(default_factory=dict)
+    residual_stats: dict | None = None
+    train_timesteps: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        if self.train_timesteps is not None:
+            LearnedTimesteps(tuple(self.train_timesteps))  # the same validity rule: decreasing indices >= 0
         for nfe, entry in self.learned.items():
             if entry.nfe != nfe:
                 raise ValueError(f"FATS state: learned timesteps for NFE={nfe} must be {nfe} indices, "
@@ -287,12 +330,15 @@ class FatsState:
             "learned": {str(k): v.to_dict() for k, v in sorted(self.learned.items())},
             "default_nfe": self.default_nfe,
             "extra": dict(self.extra),
+            "residual_stats": self.residual_stats,
+            "train_timesteps": None if self.train_timesteps is None else list(self.train_timesteps),
         }
 
     @classmethod
     def from_dict(cls, state: dict) -> "FatsState":
         """Inverse of :meth:`to_dict` (also of its JSON-decoded form); also reads version 1
-        (``timesteps`` with ``steps`` entries, and ``default_k`` stored beside them)."""
+        (``timesteps`` with ``steps`` entries, and ``default_k`` stored beside them) and version 2
+        (no residual statistics, no training steps)."""
         version = state.get("version")
         if version == 1:
             logger.warning("FATS state version 1 (written by an older Fast-cWDM): read as version %d",
@@ -300,8 +346,8 @@ class FatsState:
             legacy = {key: value for key, value in state.items() if key not in ("timesteps", "default_k")}
             state = {**legacy, "version": FATS_STATE_VERSION, "learned": state.get("timesteps") or {},
                      "default_nfe": state.get("default_k")}
-        elif version != FATS_STATE_VERSION:
-            raise ValueError(f"FATS state: unsupported version {version!r} (expected {FATS_STATE_VERSION} or 1)")
+        elif version not in (2, FATS_STATE_VERSION):
+            raise ValueError(f"FATS state: unsupported version {version!r} (expected {FATS_STATE_VERSION}, 2 or 1)")
         unknown = sorted(set(state) - set(_STATE_KEYS))
         if unknown:
             raise ValueError(f"FATS state: unknown keys {unknown}")
@@ -313,6 +359,8 @@ class FatsState:
             learned={int(k): LearnedTimesteps.from_dict(v) for k, v in (state.get("learned") or {}).items()},
             default_nfe=None if default is None else int(default),
             extra=dict(state.get("extra") or {}),
+            residual_stats=state.get("residual_stats"),
+            train_timesteps=None if state.get("train_timesteps") is None else _int_tuple(state["train_timesteps"]),
         )
 
     @classmethod

@@ -43,6 +43,9 @@ BAND_GROUPS: tuple[tuple[str, ...], ...] = (
 """The design's four band groups: approximation, single-high, double-high, triple-high."""
 
 REFERENCES = ("target", "teacher")
+SCORES = ("mse", "crps")
+"""What :func:`learn_timesteps` minimises: brain-masked MSE, or the fair CRPS of an ensemble."""
+CRPS_MEMBERS = 2
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict], float]
 
 
@@ -55,6 +58,38 @@ def masked_mse(sample: torch.Tensor, reference: torch.Tensor, case: dict) -> flo
         return float(err.mean())
     weight = mask.to(device=err.device, dtype=err.dtype).expand_as(err)
     return float((err * weight).sum() / weight.sum().clamp_min(1.0))
+
+
+def fair_crps(samples: torch.Tensor, reference: torch.Tensor, case: dict, members: int = CRPS_MEMBERS) -> float:
+    """Fair ensemble CRPS over the brain (a proper score; FATS v2 step 5, BENCHMARK_V2.md metric 4):
+    ``mean_m |x^m - x| - sum_{m != m'} |x^m - x^m'| / (2 M (M - 1))``, averaged over coefficients.
+
+    samples: (M * B, C, d, h, w), member m of element b at row ``m * B + b``; reference: (B, C, d, h, w).
+    The conditional mean does not minimise it (MSE's optimum does); one deterministic output scores its MAE.
+    ``case["mask"]`` as in :func:`masked_mse`.
+    """
+    if members < 2 or samples.shape[0] != members * reference.shape[0]:
+        raise ValueError(f"fair_crps: need M >= 2 members of {reference.shape[0]} elements, got {samples.shape[0]} "
+                         f"rows for M={members}")
+    x = samples.double().reshape(members, *reference.shape)
+    ref = reference.double()
+    skill = (x - ref).abs().mean(dim=0)
+    spread = sum((x[m] - x[n]).abs() for m in range(members) for n in range(members) if m != n)
+    score = skill - spread / (2 * members * (members - 1))
+    mask = case.get("mask")
+    if mask is None:
+        return float(score.mean())
+    weight = mask.to(device=score.device, dtype=score.dtype).expand_as(score)
+    return float((score * weight).sum() / weight.sum().clamp_min(1.0))
+
+
+def _ensemble_case(data: dict, members: int) -> dict:
+    """A case whose denoiser sees ``members`` copies of its batch (conditioning and label repeated)."""
+    out = dict(data)
+    for key in ("cond", "label"):
+        if torch.is_tensor(out.get(key)):
+            out[key] = out[key].repeat(members, *([1] * (out[key].ndim - 1)))
+    return out
 
 
 def _ddim_to(schedule: NoiseSchedule, x: torch.Tensor, pred_x0: torch.Tensor, t: int, s: int) -> torch.Tensor:
@@ -153,7 +188,7 @@ def learn_timesteps(denoiser_factory: Callable[[dict], Denoiser], schedule: Nois
                     teacher_steps: Sequence[int] | None = None, loss_fn: LossFn | None = None,
                     clip: Clip | None = None, init_steps: Sequence[int] | None = None,
                     rhos: Sequence[float] = (0.5, 2.0, 3.0), grid: int = 16, max_sweeps: int = 3,
-                    seed: int = 0, callback: Callable[[dict], None] | None = None) -> dict:
+                    seed: int = 0, callback: Callable[[dict], None] | None = None, score: str = "mse") -> dict:
     """K sampling steps minimising the deterministic K-step DDIM sampler's error.
 
     Args:
@@ -171,10 +206,15 @@ def learn_timesteps(denoiser_factory: Callable[[dict], Denoiser], schedule: Nois
         init_steps: an extra starting candidate besides uniform and the ``rhos`` power spacings.
         grid: coarse grid points per position; max_sweeps: coordinate-descent passes.
         callback: called with a dict after each accepted improvement.
+        score: ``"mse"`` (``loss_fn`` or :func:`masked_mse`), or ``"crps"`` (FATS v2): the
+            :func:`fair_crps` of ``CRPS_MEMBERS`` = 2 samples per case (from two noises; a given
+            ``x_T`` must hold both, stacked along the batch) against the real target, which the
+            conditional mean does not minimise, so a sampler that keeps its spread can win.
+            Needs ``reference="target"`` and no ``loss_fn``.
     Returns:
         dict: ``steps`` (K ints, strictly decreasing, steps[0] = T - 1), ``error``,
         ``uniform_steps`` (``uniform_timesteps(T, K)``), ``uniform_error``, ``init_steps``,
-        ``init_error``, ``k``, ``reference``, ``nfe`` (network evaluations per case), ``sweeps``.
+        ``init_error``, ``k``, ``reference``, ``score``, ``nfe`` (network evaluations per case), ``sweeps``.
     """
     T = schedule.num_steps
     if not 1 <= k <= T:
@@ -183,14 +223,23 @@ def learn_timesteps(denoiser_factory: Callable[[dict], Denoiser], schedule: Nois
         raise ValueError(f"learn_timesteps: reference must be one of {REFERENCES}, got {reference!r}")
     if not cases:
         raise ValueError("learn_timesteps: need at least one held-out case")
-    loss_fn = loss_fn or masked_mse
+    if score not in SCORES:
+        raise ValueError(f"learn_timesteps: score must be one of {SCORES}, got {score!r}")
+    if score == "crps" and (reference != "target" or loss_fn is not None):
+        raise ValueError("learn_timesteps: score 'crps' compares samples with the real target: reference 'target' "
+                         "and no loss_fn")
+    members = CRPS_MEMBERS if score == "crps" else 1
+    loss_fn = loss_fn or (masked_mse if score == "mse" else fair_crps)
     prepared = []
     for i, data in enumerate(cases):
         x0 = data["x0"]
         x_T = data.get("x_T")
         if x_T is None:
-            x_T = randn(x0.shape, indexed_generator(seed, i), x0.device, x0.dtype)
-        denoiser = denoiser_factory(data)
+            x_T = randn((members * x0.shape[0], *x0.shape[1:]), indexed_generator(seed, i), x0.device, x0.dtype)
+        elif x_T.shape[0] != members * x0.shape[0]:
+            raise ValueError(f"learn_timesteps: case {i}: x_T has {x_T.shape[0]} rows, need {members} x "
+                             f"{x0.shape[0]} (score {score!r})")
+        denoiser = denoiser_factory(_ensemble_case(data, members) if members > 1 else data)
         if reference == "target":
             ref = x0
         else:
@@ -229,7 +278,7 @@ def learn_timesteps(denoiser_factory: Callable[[dict], Denoiser], schedule: Nois
         if not improved:
             break
     return {"k": k, "steps": steps, "error": error, "uniform_steps": uniform, "uniform_error": uniform_error,
-            "init_steps": init, "init_error": init_error, "reference": reference, "nfe": search.nfe,
+            "init_steps": init, "init_error": init_error, "reference": reference, "score": score, "nfe": search.nfe,
             "sweeps": sweeps}
 
 

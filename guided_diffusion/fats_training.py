@@ -20,18 +20,19 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from DWT_IDWT import clip_in_image_space, to_subbands
+from DWT_IDWT import BAND_NAMES, clip_in_image_space, to_subbands
 
-from .checkpoints import save_checkpoint
+from .checkpoints import LoadedModel, save_checkpoint
 from .conditioning import model_inputs, split_case
 from .constants import ALL_TARGET, MODALITIES
-from .config import DiffusionConfig
-from .diffusion import make_denoiser
+from .config import DiffusionConfig, SampleConfig
+from .diffusion import make_denoiser, randn
 from .factory import build_schedule
-from .fats import FatsState, band_energy_stats, shifts_from_energy, subband_mask
+from .fats import FatsState, LearnedTimesteps, band_energy_stats, shifts_from_energy, subband_mask, warm_start_step
 from .fats_search import learn_timesteps
 from .schedules import NoiseSchedule
-from .seeding import case_subset
+from .seeding import case_generator, case_subset
+from .timesteps import plan_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,13 @@ FATS_NFE_BUDGETS = (1, 2, 4, 10)
 
 
 def measure_energy(dataset: Dataset, target: str, max_cases: int = DEFAULT_STAT_CASES, seed: int = 0, *,
-                   skip_errors: tuple[type[Exception], ...] = (), skipped: list | None = None) -> dict:
+                   skip_errors: tuple[type[Exception], ...] = (), skipped: list | None = None,
+                   estimate: Callable[[dict], torch.Tensor] | None = None) -> dict:
     """Per-band energy statistics of the normalised target subbands inside the brain, on the
     seeded subset ``seeding.case_subset(len(dataset), max_cases, seed)`` (each case read once).
+    ``estimate`` (residual mode, FATS v2): ``item -> x0_hat`` (1, 8, d, h, w) target subbands of a
+    regression estimate (e.g. :func:`last_step_estimate`); the statistics are then those of the
+    residual ``x0 - x0_hat`` (``label="residual"``: its ``energy`` is R_b), single-modality targets only.
     ``target`` ``ALL_TARGET`` (an all-modality model) pools the four modalities: every case
     contributes each of its four volumes, so the energy is the mean over modalities and
     ``case_energy`` holds four entries per case, in ``MODALITIES`` order.
@@ -70,11 +75,15 @@ def measure_energy(dataset: Dataset, target: str, max_cases: int = DEFAULT_STAT_
             volumes = item["volumes"]
             target_volume = volumes[:, None] if target == ALL_TARGET else split_case(volumes[None], target)[0]
             case_ids.append(item["case_id"])
-            yield to_subbands(target_volume), item["brain_mask"][None]
+            bands = to_subbands(target_volume)
+            yield (bands if estimate is None else bands - estimate(item).to(bands)), item["brain_mask"][None]
 
+    if estimate is not None and target == ALL_TARGET:
+        raise ValueError("measure_energy: residual energies are measured for one target modality, not 'all'")
     # One read per case: band_energy_stats zips the two views, so the tee buffers at most one case.
     bands, masks = itertools.tee(bands_and_masks())
-    stats = band_energy_stats((b for b, _ in bands), (m for _, m in masks))
+    stats = band_energy_stats((b for b, _ in bands), (m for _, m in masks),
+                              label="target" if estimate is None else "residual")
     stats.update({"target_modality": target, "case_indices": idx, "case_ids": case_ids, "seed": seed,
                   "max_cases": max_cases})
     return stats
@@ -96,6 +105,62 @@ def prepare_fats_schedule(cfg: DiffusionConfig, dataset: Dataset, target: str, s
     return cfg, build_schedule(cfg), state.into_extra({})
 
 
+def last_step_estimate(loaded: LoadedModel, target: str, seed: int = 0,
+                       clip: bool = True) -> Callable[[dict], torch.Tensor]:
+    """``item -> x0_hat`` (1, 8, d, h, w) on the CPU: a model's x0 prediction at the last step of its
+    schedule from the case's own noise (``seeding.case_generator(seed, case_id)``), clipped as
+    sampling clips. From pure noise this is the regression estimate E[x0 | cond] (exactly what a
+    ``train_timesteps="last"`` model is trained for; any diffusion model's 1-NFE output)."""
+    device = next(loaded.model.parameters()).device
+    last = loaded.schedule.num_steps - 1
+    loaded.model.eval()
+
+    @torch.no_grad()
+    def estimate(item: dict) -> torch.Tensor:
+        _, cond_volume = split_case(item["volumes"][None], target)
+        cond = to_subbands(cond_volume.to(device).float())
+        denoiser = make_denoiser(loaded.model, loaded.schedule, cond)
+        x_T = randn((1, loaded.schedule.n_bands, *cond.shape[2:]), case_generator(seed, item["case_id"]), device)
+        pred = denoiser(x_T, torch.full((1,), last, dtype=torch.long, device=device))
+        return (clip_in_image_space(pred) if clip else pred).cpu()
+
+    return estimate
+
+
+def prepare_fats_v2_schedule(cfg: DiffusionConfig, dataset: Dataset, target: str, regression: LoadedModel,
+                             sample: SampleConfig, seed: int = 0, kappa: float = DEFAULT_KAPPA,
+                             max_cases: int = DEFAULT_STAT_CASES, source: str = ""
+                             ) -> tuple[DiffusionConfig, NoiseSchedule, dict]:
+    """FATS v2 before training (docs/fats_v2.md): shifts from the residual energies R_b of
+    ``regression``'s last-step estimate (:func:`last_step_estimate`) instead of the raw energies E_b;
+    the per-band warm start step t* where each band's noise level best matches its residual
+    (:func:`~guided_diffusion.fats.warm_start_step`); and the planned sampling steps
+    ``[T - 1, t*, ...]`` (``timesteps.plan_timesteps``, ``sample.nfe`` evaluations, at most t* + 2),
+    stored as the FATS state's default learned steps and as its ``train_timesteps`` (what a
+    ``train_timesteps="sampled"`` run trains on).
+
+    Returns the config (shifts filled in unless given), its schedule, and the checkpoint ``extra``
+    holding the :class:`FatsState` (version 3) and ``sample``: ``sample`` with ``warm_start_t`` = t*
+    and that NFE, so ``sample.py`` / ``sample_auto.py`` sample it with no flags.
+    """
+    raw = measure_energy(dataset, target, max_cases, seed)
+    residual = measure_energy(dataset, target, max_cases, seed, estimate=last_step_estimate(regression, target, seed))
+    residual["regression_model"] = source
+    if not cfg.band_shifts:
+        shifts = shifts_from_energy(residual, kappa=kappa, max_shift=cfg.max_shift)
+        cfg = replace(cfg, band_shifts=tuple(round(s, 6) for s in shifts))
+        logger.info("FATS v2 shifts from residual energies (kappa %.2f): %s", kappa,
+                    ", ".join(f"{s:+.2f}" for s in cfg.band_shifts))
+    schedule = build_schedule(cfg)
+    t_star = warm_start_step(schedule.log_snr, [residual["energy"][b] for b in BAND_NAMES])
+    nfe = min(sample.nfe or DEFAULT_NFE, t_star + 2)
+    steps, origin = plan_timesteps(schedule, None, nfe, t_star)
+    logger.info("FATS v2: per-band warm start at step %d; sampling and training steps %s (%s)", t_star, steps, origin)
+    state = FatsState(energy_stats=raw, residual_stats=residual, band_shifts=cfg.band_shifts, kappa=kappa,
+                      learned={nfe: LearnedTimesteps(tuple(steps))}, default_nfe=nfe, train_timesteps=tuple(steps))
+    return cfg, schedule, state.into_extra({"sample": replace(sample, nfe=nfe, warm_start_t=t_star).to_dict()})
+
+
 def held_out_cases(dataset: Dataset, target: str, device, max_cases: int = 4, seed: int = 0) -> list[dict]:
     """Held-out cases in the form :func:`learn_timesteps` expects (x0, cond, mask, case_id, label).
     ``target`` ``ALL_TARGET`` (an all-modality model): each case once per modality, with its label
@@ -112,13 +177,15 @@ def held_out_cases(dataset: Dataset, target: str, device, max_cases: int = 4, se
 
 
 def fit_sampling_steps(model: torch.nn.Module, schedule: NoiseSchedule, cases: list[dict], nfes: Sequence[int], *,
-                       clip: bool = True, seed: int = 0, reference: str = "target",
+                       clip: bool = True, seed: int = 0, reference: str = "target", score: str = "mse",
                        precision: str = "fp32", progress: Callable[[dict], None] | None = None) -> dict[int, dict]:
     """Learned DDIM timesteps for each budget in ``nfes`` (any model, any schedule): NFE ->
     ``fats_search.learn_timesteps`` result.
 
     ``reference``: ``"target"`` fits the real x0 (paired data); ``"teacher"`` fits the same noise's
     sample over every step (avoids the one-step-regression optimum the target objective favours).
+    ``score``: ``"mse"`` or ``"crps"`` (``fats_search.learn_timesteps``: the fair CRPS of 2 samples
+    against the target, a proper score, FATS v2).
     ``precision``: the network's precision (``diffusion.make_denoiser``), as it will be sampled.
     ``progress``: called with ``{"event": "start" | "improved" | "done", "nfe", "index", "budgets"}``
     (``index`` of the budget, of ``budgets`` in all), plus the search's state for ``"improved"``
@@ -134,7 +201,7 @@ def fit_sampling_steps(model: torch.nn.Module, schedule: NoiseSchedule, cases: l
         result = learn_timesteps(lambda case: make_denoiser(model, schedule, case["cond"], label=case.get("label"),
                                                             precision=precision),
                                  schedule, cases, int(nfe), clip=clip_in_image_space if clip else None, seed=seed,
-                                 reference=reference, callback=lambda state: report(
+                                 reference=reference, score=score, callback=lambda state: report(
                                      {"event": "improved", **state, "evaluations": state["nfe"], **where}))
         report({"event": "done", **where, "result": result})
         logger.info("NFE=%d: learned timesteps %s, held-out error %.5g (uniform %s: %.5g)", nfe, result["steps"],
@@ -145,7 +212,7 @@ def fit_sampling_steps(model: torch.nn.Module, schedule: NoiseSchedule, cases: l
 
 def fit_and_store_timesteps(model: torch.nn.Module, schedule: NoiseSchedule, cases: list[dict], nfes: Sequence[int],
                             checkpoints: Sequence[tuple[dict, str | Path]], *, default_nfe: int = DEFAULT_NFE,
-                            seed: int = 0, precision: str = "fp32",
+                            seed: int = 0, precision: str = "fp32", score: str = "mse",
                             progress: Callable[[dict], None] | None = None) -> dict[int, dict]:
     """Learn the timesteps of each budget in ``nfes`` (:func:`fit_sampling_steps`) and store them:
     each ``(checkpoint dict, path)`` of ``checkpoints`` is saved to ``path`` with its FATS state
@@ -153,7 +220,8 @@ def fit_and_store_timesteps(model: torch.nn.Module, schedule: NoiseSchedule, cas
     was not fitted). ``progress``: see :func:`fit_sampling_steps`. Returns NFE -> ``learn_timesteps`` result.
     """
     with torch.no_grad():
-        results = fit_sampling_steps(model, schedule, cases, nfes, seed=seed, precision=precision, progress=progress)
+        results = fit_sampling_steps(model, schedule, cases, nfes, seed=seed, precision=precision, score=score,
+                                     progress=progress)
     for checkpoint, path in checkpoints:
         extra = checkpoint.get("extra") or {}
         state = (FatsState.from_extra(extra) or FatsState()).with_learned(results, default_nfe)

@@ -32,6 +32,11 @@ ALL_MODALITY = dict(in_channels=network_in_channels(True), num_modality_labels=l
 """An all-modality network (docs/all_modality.md): four conditioning slots (40 input channels), the
 target as a label. Its presets train ``len(MODALITIES)`` times the steps of the single-modality one
 they replace: one model, the training budget of the four it replaces."""
+CTRL_LAST_MASS = 0.1
+"""Ctrl's extra probability at the last step: about the share Fast-DDPM's 10 sampled steps give it
+(1 of 11), the weight v1's better models put where x_t carries no information."""
+FATS2_SNR_GAMMA = 5.0  # Hang et al. 2023's gamma for the per-band min-SNR weights (diffusion.snr_weights)
+WFM_SOURCE_NOISE = 0.5  # sigma_src of the noisy-start flow presets (docs/flow_matching.md: a first choice, untuned)
 DEMO_SIZE = 0.25  # demo volumes: BraTS geometry scaled by 1/4 -> (60, 60, 39) files, (56, 56, 40) network grid
 
 PRESETS: dict[str, Preset] = {
@@ -92,6 +97,39 @@ PRESETS: dict[str, Preset] = {
         replace(DEMO_TRAIN, max_steps=len(MODALITIES) * DEMO_TRAIN.max_steps),
         SampleConfig(sampler="ddpm", nfe=0),
         "the demo network as ONE model for all four modalities (target as a label); train with --target all"),
+    # Benchmark v2 variants (../shared/design/BENCHMARK_V2.md, docs/fats_v2.md). P is not a preset: it is
+    # a sampling setting of any model trained on every t, e.g. --sampler ddim --warm_start_t 3 --nfe 3.
+    "regression": Preset(
+        ModelConfig(), DiffusionConfig(kind="linear", num_train_steps=1000),
+        replace(FULL_TRAIN, max_steps=1_200_000, train_timesteps="last"),
+        SampleConfig(sampler="ddim", nfe=1),
+        "R: cWDM's network trained only at the last step (x_T pure noise: regression of E[x0 | cond]), 1 NFE"),
+    "demo_regression": Preset(
+        DEMO_MODEL, DiffusionConfig(kind="linear", num_train_steps=1000),
+        replace(DEMO_TRAIN, train_timesteps="last"),
+        SampleConfig(sampler="ddim", nfe=1),
+        "R on the demo network: trained only at the last step, sampled with 1 NFE (CPU)"),
+    "ctrl": Preset(
+        ModelConfig(), DiffusionConfig(kind="linear", num_train_steps=1000),
+        replace(FULL_TRAIN, max_steps=1_200_000, train_timesteps=f"last_mass:{CTRL_LAST_MASS}"),
+        SampleConfig(sampler="ddpm", nfe=0),
+        "Ctrl: cWDM (linear 1000, as preset unet) with extra training probability at the last step"),
+    "demo_ctrl": Preset(
+        DEMO_MODEL, DiffusionConfig(kind="linear", num_train_steps=1000),
+        replace(DEMO_TRAIN, train_timesteps=f"last_mass:{CTRL_LAST_MASS}"),
+        SampleConfig(sampler="ddim", nfe=10),
+        "Ctrl on the demo network: linear 1000 with extra training probability at the last step; DDIM 10"),
+    "fats2": Preset(
+        ModelConfig(), DiffusionConfig(kind="fats", num_train_steps=1000),
+        replace(FULL_TRAIN, train_timesteps="sampled", min_snr_gamma=FATS2_SNR_GAMMA),
+        SampleConfig(sampler="ddim", nfe=4),
+        "FATS v2: residual-energy shifts, per-band warm start, trained on its 4 sampling steps with min-SNR "
+        "band weights; train with --residual_from <regression checkpoint>"),
+    "demo_fats2": Preset(
+        DEMO_MODEL, DiffusionConfig(kind="fats", num_train_steps=1000),
+        replace(DEMO_TRAIN, train_timesteps="sampled", min_snr_gamma=FATS2_SNR_GAMMA),
+        SampleConfig(sampler="ddim", nfe=4),
+        "FATS v2 on the demo network (CPU); train with --residual_from <demo_regression checkpoint>"),
     "tiny": Preset(
         TINY_MODEL, DiffusionConfig(kind="fast_sampled", fast_intervals=10),
         TrainConfig(lr=5e-4, batch_size=1, max_steps=20, save_interval=10, log_interval=1, val_interval=0,

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .diffusion import Denoiser, Generators, ddim_step, ddpm_coefficients, ddpm_update, randn
+from .diffusion import Denoiser, Generators, ddim_step, ddpm_coefficients, ddpm_update, q_sample, randn
 from .flow import FlowPath, euler_sample
 from .schedules import NoiseSchedule
 
@@ -133,6 +133,36 @@ def check_sampler_fits(name: str, schedule: NoiseSchedule | FlowPath) -> None:
         others = [s for s in SAMPLER_REGISTRY if s not in FLOW_SAMPLERS]
         raise ValueError(f"sampler {name!r} integrates a flow-matching model (schedule kind 'flow'); this model has "
                          f"a noise schedule ({schedule.name}): use --sampler {' or '.join(others)}")
+
+
+def warm_start_sample(sampler: SamplerFn, denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor,
+                      timesteps: Sequence[int], *, generator: Generators = None, clip: Clip | None = None,
+                      callback: Callback | None = None, **options) -> torch.Tensor:
+    """Warm start (variant P; FATS v2's per-band warm start on a per-band schedule): one network
+    evaluation at ``timesteps[0]`` (the last step: from pure noise the x0 prediction is the
+    regression estimate E[x0 | cond]), that estimate noised to ``t* = timesteps[1]`` with fresh
+    noise from ``generator`` (``q_sample``, per band), then ``sampler`` over ``timesteps[1:]``.
+
+    NFE = ``len(timesteps)``: the regression evaluation counts. With a model trained on every t the
+    same network gives both the estimate and the refinement. x_T: (B, C, d, h, w) pure noise.
+    Returns the final x0 sample, same shape.
+    """
+    steps = _check_timesteps(schedule, timesteps)
+    if len(steps) < 2 or steps[0] != schedule.num_steps - 1:
+        raise ValueError(f"warm start: timesteps must be [T - 1 = {schedule.num_steps - 1}, t*, ...] with at least "
+                         f"one refinement step, got {steps}")
+    b = x_T.shape[0]
+    x0_hat = _denoise(denoiser, clip, x_T, torch.full((b,), steps[0], dtype=torch.long, device=x_T.device))
+    if callback is not None:
+        callback({"i": 0, "t": steps[0], "x": x0_hat, "pred_x0": x0_hat})
+    t_star = torch.full((b,), steps[1], dtype=torch.long)
+    x = q_sample(schedule, x0_hat, t_star, randn(x_T.shape, generator, x_T.device, x_T.dtype))
+
+    def shifted(state: dict) -> None:  # the refinement's step numbers follow the regression evaluation
+        callback({**state, "i": state["i"] + 1})
+
+    return sampler(denoiser, schedule, x, steps[1:], generator=generator, clip=clip,
+                   callback=None if callback is None else shifted, **options)
 
 
 def get_sampler(name: str) -> SamplerFn:

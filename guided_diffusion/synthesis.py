@@ -6,6 +6,7 @@ conditioning subbands -> sampler with the model's schedule -> IDWT -> [0, 1] vol
 from __future__ import annotations
 
 import weakref
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -16,7 +17,7 @@ from .checkpoints import LoadedModel
 from .conditioning import model_inputs
 from .config import SampleConfig
 from .diffusion import make_denoiser, randn
-from .samplers import get_sampler
+from .samplers import get_sampler, warm_start_sample
 from .flow import FlowPath
 from .samplers import check_sampler_fits
 from .schedules import NoiseSchedule
@@ -90,9 +91,14 @@ def synthesize_volumes(model: torch.nn.Module, schedule: NoiseSchedule, volumes:
     if isinstance(schedule, FlowPath):  # a flow starts at the condition mean (+ sigma_src x_T), not at noise
         x_T = schedule.start(cond, x_T)
     options = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
-    x0 = get_sampler(cfg.sampler)(denoiser, schedule, x_T, timesteps, generator=generators,
-                                  clip=clip_in_image_space if cfg.clip_denoised else None, callback=callback,
-                                  **options)
+    sampler = get_sampler(cfg.sampler)
+    if cfg.warm_start_t:  # the regression estimate at T - 1, noised to t* = timesteps[1], refined from there
+        if list(timesteps[1:2]) != [cfg.warm_start_t]:
+            raise ValueError(f"synthesize: warm_start_t={cfg.warm_start_t} needs timesteps [T - 1, "
+                             f"{cfg.warm_start_t}, ...] (timesteps.plan_timesteps), got {list(timesteps)}")
+        sampler = partial(warm_start_sample, sampler)
+    x0 = sampler(denoiser, schedule, x_T, timesteps, generator=generators,
+                 clip=clip_in_image_space if cfg.clip_denoised else None, callback=callback, **options)
     return from_subbands(x0).clamp(0.0, 1.0)[:, 0].float()
 
 
@@ -104,6 +110,6 @@ def synthesize(loaded: LoadedModel, volumes: torch.Tensor, target: str, cfg: Sam
     :func:`~guided_diffusion.timesteps.plan_timesteps` of ``cfg.nfe`` and the stored FATS state
     unless given. Returns (B, X, Y, Z) float32 in [0, 1] on the CPU."""
     if timesteps is None:
-        timesteps, _ = plan_timesteps(loaded.schedule, loaded.fats_state, cfg.nfe)
+        timesteps, _ = plan_timesteps(loaded.schedule, loaded.fats_state, cfg.nfe, cfg.warm_start_t)
     return synthesize_volumes(loaded.model, loaded.schedule, volumes, target, cfg, case_ids, timesteps,
                               callback, sample_indices).cpu()

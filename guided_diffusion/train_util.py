@@ -30,9 +30,10 @@ from .constants import ALL_TARGET, MODALITIES
 from .diffusion import training_losses
 from .flow import flow_training_losses
 from .factory import build_model, build_schedule
-from .fats import ramped_shifts
+from .fats import FatsState, ramped_shifts
 from .schedules import NoiseSchedule
 from .seeding import derive_seed
+from .timesteps import draw_training_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +233,23 @@ class Trainer:
         gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, self.step, self.dist.rank, 3))
         return torch.randint(0, len(MODALITIES), (batch_size,), generator=gen).to(self.device)
 
+    def _validation_timesteps(self, num_steps: int, n_timesteps: int) -> torch.Tensor:
+        """Where validation scores the x0 loss: ``n_timesteps`` evenly spaced steps, or the steps a
+        run trained only on (``train_timesteps`` ``last``: T - 1; ``sampled``: the planned steps)."""
+        kind = self.cfg.train_timesteps
+        if kind == "last":
+            return torch.tensor([num_steps - 1])
+        if kind == "sampled" and self._sampled_train_steps():
+            return torch.tensor(list(self._sampled_train_steps()))
+        return torch.linspace(0, num_steps - 1, n_timesteps).round().long()
+
+    def _sampled_train_steps(self) -> tuple[int, ...] | None:
+        """FATS v2 (``train_timesteps="sampled"``): the planned sampling steps stored in the FATS state."""
+        if self.cfg.train_timesteps != "sampled":
+            return None
+        state = FatsState.from_extra(self.extra)
+        return None if state is None else state.train_timesteps
+
     def _update_ema(self) -> None:
         rate = self.cfg.ema_rate
         with torch.no_grad():  # one multi-tensor kernel on CUDA instead of one launch per tensor
@@ -244,12 +262,13 @@ class Trainer:
         # t and the noise are drawn on the training device (no 32 MB host-to-device copy per full-size
         # step on a GPU); on the CPU this is the same stream as ever, so CPU runs are unchanged.
         gen = torch.Generator(self.device).manual_seed(derive_seed(self.cfg.seed, self.step, self.dist.rank, 1))
-        t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=gen, device=self.device)
+        t = draw_training_timesteps(self.cfg.train_timesteps, schedule.num_steps, x0.shape[0], gen, self.device,
+                                    self._sampled_train_steps())
         noise = torch.randn(x0.shape, generator=gen, device=self.device)
         weights = torch.tensor(self.cfg.band_weights) if self.cfg.band_weights else None
         self.model.train()
         out = self.loss_terms(self.forward_model, schedule, x0, cond, t, noise, label=labels, band_weights=weights,
-                              precision=self.cfg.precision)
+                              precision=self.cfg.precision, snr_gamma=self.cfg.min_snr_gamma)
         loss = out["loss"].mean()
         self._stop_unless_finite(loss.detach(), "loss")
         self.optimizer.zero_grad(set_to_none=True)
@@ -283,7 +302,7 @@ class Trainer:
         self.ema.eval()
         losses = []
         schedule = self.target_schedule
-        ts = torch.linspace(0, schedule.num_steps - 1, n_timesteps).round().long()
+        ts = self._validation_timesteps(schedule.num_steps, n_timesteps)
         # an all-modality model is scored on every target of every case (the same noise for each)
         targets = [torch.tensor([k], device=self.device) for k in range(len(MODALITIES))] if self.all_modality \
             else [None]

@@ -306,7 +306,7 @@ def test_a_version_1_fats_state_with_default_k_still_loads(caplog):
     assert state.learned[2].uniform_timesteps == (999, 0) and state.learned[2].uniform_error == 0.07
     assert state.energy_stats == {"energy": {"LLL": 0.5}}
     rewritten = state.to_dict()
-    assert rewritten["version"] == 2 and "default_k" not in rewritten and "timesteps" not in rewritten
+    assert rewritten["version"] == 3 and "default_k" not in rewritten and "timesteps" not in rewritten
     assert FatsState.from_dict(rewritten) == state
     # before any step was learned, version 1 already stored default_k: no learned steps, no error
     early = FatsState.from_dict({**OLD_FATS_EXTRA, "timesteps": {}})

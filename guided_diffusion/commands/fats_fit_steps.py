@@ -18,6 +18,7 @@ from guided_diffusion import cli
 from guided_diffusion.bratsloader import BratsDataset
 from guided_diffusion.checkpoints import is_bare_state_dict, load_model, read_checkpoint, resolve_model_source
 from guided_diffusion.constants import ALL_TARGET, PRECISIONS
+from guided_diffusion.fats_search import SCORES
 from guided_diffusion.fats_training import DEFAULT_NFE, FATS_NFE_BUDGETS, fit_and_store_timesteps, held_out_cases
 
 logger = logging.getLogger("fats_fit_steps")
@@ -39,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="network precision while fitting: the one you will sample with (default fp32)")
     p.add_argument("--max_cases", type=int, default=4, help="held-out cases used for fitting (seeded subset)")
+    p.add_argument("--score", choices=SCORES, default="mse",
+                   help="what the fit minimises: brain-masked MSE to the target (default; its optimum is the "
+                        "conditional mean), or crps: the fair CRPS of 2 samples per case, a proper score (FATS v2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the case subset and the starting noise")
     p.add_argument("--out", required=True, help="output checkpoint (refuses to overwrite unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -76,7 +80,7 @@ def main(argv=None) -> int:
     held_out = held_out_cases(BratsDataset(cases, geometry), args.target, device, args.max_cases, args.seed)
     results = fit_and_store_timesteps(loaded.model, loaded.schedule, held_out, args.nfe,
                                       [(checkpoint_dict_for(source, loaded), out)], default_nfe=args.default_nfe,
-                                      seed=args.seed, precision=args.precision,
+                                      seed=args.seed, precision=args.precision, score=args.score,
                                       progress=cli.FitProgress(f"fit {args.target} timesteps"))
     for nfe, r in sorted(results.items()):
         print(f"NFE={nfe}: timesteps {r['steps']}  held-out error {r['error']:.5g}  (uniform {r['uniform_error']:.5g})")

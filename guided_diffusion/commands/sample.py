@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     cli.check_model_target(loaded, args.target, args.checkpoint)
     cfg = cli.sample_config_from_args(args, cli.checkpoint_sample_defaults(loaded))
     cli.check_sampler(cfg, loaded, args.checkpoint)
-    timesteps, timesteps_origin = plan_timesteps(loaded.schedule, loaded.fats_state, cfg.nfe)
+    timesteps, timesteps_origin = plan_timesteps(loaded.schedule, loaded.fats_state, cfg.nfe, cfg.warm_start_t)
     cases, failures, geometry = cli.find_cases(args.data_dir, "train", check_data=False)
     cli.check_fits_model(geometry, loaded, args.checkpoint, args.data_dir)
     evaluated_on = f"every case of {args.data_dir}"

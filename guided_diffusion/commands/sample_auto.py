@@ -165,7 +165,8 @@ def main(argv=None) -> int:
     settings = {mod: case_runner.settings_digest({
         "model_sha256": provenance[mod]["sha256"] if journal else None, "target": mod,
         "sample_config": configs[mod].to_dict(),
-        "timesteps": plan_timesteps(models[mod].schedule, models[mod].fats_state, configs[mod].nfe)[0],
+        "timesteps": plan_timesteps(models[mod].schedule, models[mod].fats_state, configs[mod].nfe,
+                                    configs[mod].warm_start_t)[0],
         "keep_background": args.keep_background,
         **({"num_samples": args.num_samples, "save_samples": args.save_samples} if args.num_samples > 1 else {})})
         for mod in models}
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
                 raise CaseError(out_path, "output exists; refusing to overwrite it")
             loaded = models[target]
             cfg = configs[target]
-            timesteps, origin = plan_timesteps(loaded.schedule, loaded.fats_state, cfg.nfe)
+            timesteps, origin = plan_timesteps(loaded.schedule, loaded.fats_state, cfg.nfe, cfg.warm_start_t)
             data = load_case(case, geometry)
             volumes = torch.from_numpy(data.volumes)[None]
             progress = cli.step_progress(len(timesteps), f"{case.case_id} {target}")

@@ -16,11 +16,11 @@ from tqdm import tqdm
 
 from guided_diffusion import cli
 from guided_diffusion.bratsloader import BratsDataset, CaseError
-from guided_diffusion.checkpoints import read_checkpoint
+from guided_diffusion.checkpoints import load_model, read_checkpoint, resolve_model_source
 from guided_diffusion.fileio import save_json
 from guided_diffusion.constants import ALL_TARGET, MODALITIES, PRECISIONS
 from guided_diffusion.fats_training import (FATS_NFE_BUDGETS, fit_and_store_timesteps, held_out_cases,
-                                            prepare_fats_schedule)
+                                            prepare_fats_schedule, prepare_fats_v2_schedule)
 from guided_diffusion.presets import get_preset
 from guided_diffusion.provenance import check_resume_data, data_fingerprint
 from guided_diffusion.runinfo import run_info
@@ -67,6 +67,9 @@ def parse_args(argv=None):
                    help="FATS presets: do not learn sampling timesteps after training (uniform steps are "
                         "used; scripts/fats_fit_steps.py can learn them later)")
     p.add_argument("--init_from", default=None, help="initial weights (e.g. a cWDM checkpoint); not a resume")
+    p.add_argument("--residual_from", default=None, metavar="CHECKPOINT",
+                   help="FATS v2 (presets fats2, demo_fats2): a regression model (preset regression) whose last-step "
+                        "estimate's residual energies set the per-band shifts and the warm start (docs/fats_v2.md)")
     p.add_argument("--skip_data_check", action="store_true",
                    help="do not read every voxel before training (faster start on large datasets)")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is visible")
@@ -79,7 +82,7 @@ def train_one(args, preset, target: str, train_cases, val_cases, geometry, dist)
         max_steps=args.max_steps, save_interval=args.save_interval, val_interval=args.val_interval,
         log_interval=args.log_interval, image_interval=args.image_interval, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
         num_workers=args.num_workers, seed=args.seed, init_from=args.init_from, val_dir=args.val_dir,
-        compile=args.compile, cache_dir=args.cache_dir,
+        compile=args.compile, cache_dir=args.cache_dir, residual_from=args.residual_from,
         val_cases=args.val_cases)
     model_cfg = cli.override(preset.model, use_checkpoint=True if args.use_checkpoint else None)
     geometry.check_divisible(model_cfg.spatial_divisor.bit_length())  # DWT (x2) + UNet downsamplings
@@ -90,9 +93,15 @@ def train_one(args, preset, target: str, train_cases, val_cases, geometry, dist)
     train_set = dataset_for(train_cases, geometry, train_cfg.cache_dir)
     val_set = dataset_for(val_cases, geometry, train_cfg.cache_dir) if val_cases else None
     diffusion_cfg, schedule, extra = preset.diffusion, None, {}
-    if diffusion_cfg.kind == "fats":
+    check_fats_v2_settings(diffusion_cfg, train_cfg)
+    if train_cfg.residual_from:  # FATS v2: residual shifts, per-band warm start, planned (and trained) steps
+        regression = load_model(resolve_model_source(train_cfg.residual_from), device=dist.device)
+        diffusion_cfg, schedule, extra = prepare_fats_v2_schedule(diffusion_cfg, train_set, target, regression,
+                                                                  preset.sample, train_cfg.seed,
+                                                                  source=train_cfg.residual_from)
+    elif diffusion_cfg.kind == "fats":
         diffusion_cfg, schedule, extra = prepare_fats_schedule(diffusion_cfg, train_set, target, train_cfg.seed)
-    extra = {**extra, "sample": preset.sample.to_dict(), "data": data}
+    extra = {"sample": preset.sample.to_dict(), **extra, "data": data}  # FATS v2 stores its own sample settings
     trainer = Trainer(model_cfg, diffusion_cfg, train_cfg, train_set, val_set, dist, schedule=schedule, extra=extra)
     run_dir = Path(train_cfg.run_dir)
     resume = args.resume
@@ -123,7 +132,9 @@ def train_one(args, preset, target: str, train_cases, val_cases, geometry, dist)
 
     summary = trainer.run(on_log)
     bar.close()
-    if diffusion_cfg.kind == "fats" and val_cases and dist.is_main and not args.skip_fats_fit:
+    if train_cfg.residual_from:
+        logger.info("%s: FATS v2 samples the planned steps it trained on (no timestep fit after training)", target)
+    elif diffusion_cfg.kind == "fats" and val_cases and dist.is_main and not args.skip_fats_fit:
         fit_fats_steps(trainer, val_set, target, run_dir, preset.sample.precision, args.fats_nfe)
     if dist.world > 1:  # the other ranks wait here for rank 0's fitting (train_util.COLLECTIVE_TIMEOUT)
         torch.distributed.barrier()
@@ -131,6 +142,16 @@ def train_one(args, preset, target: str, train_cases, val_cases, geometry, dist)
         logger.info("%s: trained to step %d, best validation loss %.5g; checkpoints in %s", target, summary["step"],
                     summary["best_val"], run_dir)
     return run_dir
+
+
+def check_fats_v2_settings(diffusion_cfg, train_cfg) -> None:
+    """FATS v2 needs a FATS schedule for --residual_from, and --residual_from for sampled training steps."""
+    if train_cfg.residual_from and diffusion_cfg.kind != "fats":
+        raise ValueError(f"--residual_from sets per-band FATS shifts: it needs a FATS preset (fats2, demo_fats2), not "
+                         f"schedule kind {diffusion_cfg.kind!r}")
+    if train_cfg.train_timesteps == "sampled" and not train_cfg.residual_from:
+        raise ValueError("this preset trains on the planned FATS v2 sampling steps (train_timesteps 'sampled'): pass "
+                         "--residual_from <checkpoint of a regression model, e.g. trained with --preset regression>")
 
 
 def dataset_for(cases, geometry, cache_dir: str):
