@@ -250,3 +250,23 @@ def test_run_sh_trains_one_model_and_samples_every_modality_with_it(run_sh):
         assert c[c.index("--held_out_of") + 1] == "runs/demo_all/all/run_config.json"
     _, calls = run_sh("--mode", "sample", "--preset", "demo", "--target", "t1c", "--gpus", "0")
     assert calls[0][calls[0].index("--checkpoint") + 1] == "runs/demo/t1c/best.pt"  # single-modality: unchanged
+
+
+def test_fats_statistics_and_held_out_cases_of_an_all_model(tiny_demo_dir):
+    from fixtures_data import TINY_GEOMETRY
+    from guided_diffusion.bratsloader import BratsDataset, discover_cases
+    from guided_diffusion.fats_training import held_out_cases, measure_energy
+
+    cases, errors = discover_cases(tiny_demo_dir / "training", mode="train", geometry=TINY_GEOMETRY)
+    dataset = BratsDataset(cases, TINY_GEOMETRY)
+    pooled = measure_energy(dataset, "all")
+    per_modality = [measure_energy(dataset, m) for m in MODALITIES]
+    for band, energy in pooled["energy"].items():  # the same brain voxels per modality: the plain mean
+        assert energy == pytest.approx(sum(s["energy"][band] for s in per_modality) / 4, rel=1e-9)
+        assert len(pooled["case_energy"][band]) == 4 * len(per_modality[0]["case_energy"][band])
+    held = held_out_cases(dataset, "all", "cpu", max_cases=2)
+    assert [int(c["label"]) for c in held] == [0, 1, 2, 3] * 2
+    for case in held:  # each target once, its slot the placeholder
+        k = int(case["label"])
+        assert case["cond"].shape[1] == 32 and not case["cond"][:, 8 * k: 8 * k + 8].any()
+        assert case["cond"][:, [c for c in range(32) if not 8 * k <= c < 8 * k + 8]].any()
