@@ -205,6 +205,20 @@ def test_fair_crps_of_hand_computed_ensembles():
     assert fair_crps(same, ref, {}) == pytest.approx(2.0)  # a collapsed ensemble scores its MAE
 
 
+@pytest.mark.parametrize("members", [2, 3])
+def test_fair_crps_agrees_with_the_benchmark_metric(members):
+    """Against prob_metrics.fair_crps (numpy, sorted-members form): an independent implementation."""
+    from guided_diffusion.prob_metrics import fair_crps as benchmark_crps
+
+    g = torch.Generator().manual_seed(4)
+    samples = torch.rand(members, 1, 4, 5, 6, generator=g, dtype=torch.float64)
+    ref = torch.rand(1, 1, 4, 5, 6, generator=g, dtype=torch.float64)
+    mask = torch.rand(1, 1, 4, 5, 6, generator=g) > 0.4
+    ours = fair_crps(samples, ref, {"mask": mask}, members=members)
+    theirs = benchmark_crps(samples[:, 0].numpy(), ref[0, 0].numpy(), mask[0, 0].numpy())
+    assert ours == pytest.approx(theirs, rel=1e-12)
+
+
 def test_crps_fit_prefers_a_sampler_that_keeps_its_spread():
     """Toy with a known answer: x0 ~ N(0, 1) in every coefficient, independent of the conditions,
     and the exact denoiser E[x0 | x_t]. Collapsed samples (the mean, 0) score MSE 1 and CRPS
