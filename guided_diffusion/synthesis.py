@@ -17,9 +17,8 @@ from .checkpoints import LoadedModel
 from .conditioning import model_inputs
 from .config import SampleConfig
 from .diffusion import make_denoiser, randn
-from .samplers import get_sampler, warm_start_sample
 from .flow import FlowPath
-from .samplers import check_sampler_fits
+from .samplers import check_sampler_fits, get_sampler, warm_start_sample
 from .schedules import NoiseSchedule
 from .seeding import case_generator, sample_generator
 from .timesteps import plan_timesteps

@@ -61,11 +61,14 @@ def plan_timesteps(schedule: NoiseSchedule, fats_state: FatsState | None, nfe: i
     K when ``fats_state`` holds them, else K evenly spaced steps (:func:`uniform_timesteps`).
     ``warm_start_t`` > 0 (``SampleConfig.warm_start_t``): see :func:`plan_warm_start`.
     """
-    if warm_start_t:
-        return plan_warm_start(schedule, fats_state, nfe, warm_start_t)
     total = schedule.num_steps
     if isinstance(schedule, FlowPath):  # a flow model: K Euler steps at t = 0, 1/K, ...; 0 = every grid time
+        if warm_start_t:
+            raise ValueError("plan_timesteps: a warm start (warm_start_t) needs a noise schedule; a flow-matching "
+                             "model starts at its own source, the condition mean")
         return flow_timesteps(schedule, nfe or total), f"uniform flow times (NFE={nfe or total})"
+    if warm_start_t:
+        return plan_warm_start(schedule, fats_state, nfe, warm_start_t)
     if not nfe:
         default = None if fats_state is None else fats_state.default_nfe
         learned = None if default is None else fats_state.learned_timesteps(default)

@@ -51,6 +51,8 @@ def test_time_grid_and_flow_timesteps():
     for bad in (-1, 1001):
         with pytest.raises(ValueError, match="NFE"):
             plan_timesteps(path, None, bad)
+    with pytest.raises(ValueError, match="warm start"):
+        plan_timesteps(path, None, 2, warm_start_t=500)
 
 
 def test_cond_mean_source_is_the_subbands_of_the_mean_condition_volume():
