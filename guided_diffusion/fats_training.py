@@ -30,6 +30,7 @@ from .diffusion import make_denoiser, randn
 from .factory import build_schedule
 from .fats import FatsState, LearnedTimesteps, band_energy_stats, shifts_from_energy, subband_mask, warm_start_step
 from .fats_search import learn_timesteps
+from .flow import FlowPath
 from .schedules import NoiseSchedule
 from .seeding import case_generator, case_subset
 from .timesteps import plan_timesteps
@@ -111,6 +112,9 @@ def last_step_estimate(loaded: LoadedModel, target: str, seed: int = 0,
     schedule from the case's own noise (``seeding.case_generator(seed, case_id)``), clipped as
     sampling clips. From pure noise this is the regression estimate E[x0 | cond] (exactly what a
     ``train_timesteps="last"`` model is trained for; any diffusion model's 1-NFE output)."""
+    if loaded.all_modality or isinstance(loaded.schedule, FlowPath):
+        raise ValueError(f"{loaded.source}: residual energies are measured with a single-modality diffusion model "
+                         f"(e.g. preset regression), not an all-modality or flow model")
     device = next(loaded.model.parameters()).device
     last = loaded.schedule.num_steps - 1
     loaded.model.eval()

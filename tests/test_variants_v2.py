@@ -330,3 +330,13 @@ def test_fats2_trains_from_a_regression_model_and_samples_with_no_flags(tiny_dem
     meta = json.loads((out_dir / "sample_config.json").read_text())
     assert meta["timesteps"] == list(state.train_timesteps) and meta["nfe"] == 3
     assert meta["sample_config"]["warm_start_t"] == t_star and "warm start" in meta["timesteps_origin"]
+
+
+def test_residual_energies_need_a_single_modality_diffusion_model(tiny_model_config):
+    from guided_diffusion.checkpoints import LoadedModel
+    from guided_diffusion.fats_training import last_step_estimate
+
+    all_modality = replace(tiny_model_config, num_modality_labels=4)
+    loaded = LoadedModel(build_model(all_modality), all_modality, DiffusionConfig(), linear(1000), "all.pt")
+    with pytest.raises(ValueError, match="all.pt: residual energies are measured with a single-modality"):
+        last_step_estimate(loaded, "t2f")
