@@ -47,7 +47,10 @@ Usage: bash run.sh [--mode train|sample|auto] [--preset unet|fast|fats|demo] [op
   --preset NAME      unet (cWDM: 64 ch, mult 1,2,2,4,4, linear 1000 steps),
                      fast (Fast-cWDM: same network, 10-step schedule), fats (per-band schedules,
                      learned 4-step sampling), demo (small network, reduced-size demo data, CPU);
-                     fats_all, demo_all: ONE model for all four modalities (docs/all_modality.md).
+                     fats_all, demo_all: ONE model for all four modalities (docs/all_modality.md);
+                     wfm, wfm_noisy, demo_wfm, demo_wfm_noisy: flow matching from the mean of the
+                     conditions, 1-2 Euler steps (docs/flow_matching.md). A demo_* preset without
+                     BraTS data runs on the demo dataset.
                      (old spelling: --model)
   --target MOD       modality to synthesise: t1n|t1c|t2w|t2f, or all (train one model per
                      modality; with a *_all preset its one model, which needs --target all).
@@ -170,8 +173,19 @@ run_demo() {
     if [ -n "$DEMO_STEPS" ]; then max_steps=(--max_steps "$DEMO_STEPS"); fi
     "$PYTHON" scripts/train.py --preset demo --data_dir "$DEMO_DIR/training" --target "$TARGET" \
         --run_dir "$run_dir" --resume auto --cpu "${max_steps[@]}" "${EXTRA[@]}"
+    local segmenter=() seg_ckpt="$run_dir/segmenter/segmenter.pt"  # tumour Dice / HD95 (docs/segmentation.md)
+    if [ "${DEMO_SEGMENTER:-1}" = 0 ]; then
+        echo "[run.sh] DEMO_SEGMENTER=0: no downstream segmentation scores"
+    elif ! "$PYTHON" -c 'import monai' 2>/dev/null; then
+        echo "[run.sh] no Dice / HD95: the demo segmenter needs MONAI (pip install -e '.[seg]')"
+    else
+        if [ -f "$seg_ckpt" ]; then echo "[run.sh] reusing the demo segmenter $seg_ckpt"
+        else "$PYTHON" scripts/train_segmenter.py --preset demo --data_dir "$DEMO_DIR/training" --out "$seg_ckpt" \
+            --device cpu; fi
+        segmenter=(--segmenter "$seg_ckpt")
+    fi
     "$PYTHON" scripts/sample.py --checkpoint "$run_dir/$TARGET/best.pt" --data_dir "$DEMO_DIR/pseudo_validation_gt" \
-        --target "$TARGET" --out_dir "$out_dir" --device cpu --overwrite $(nfe_flag)
+        --target "$TARGET" --out_dir "$out_dir" --device cpu --overwrite $(nfe_flag) "${segmenter[@]}"
     echo "[run.sh] demo finished in $((SECONDS - start)) s"
     echo "[run.sh] checkpoints:  $run_dir/$TARGET/{best,latest}.pt (+ .json configs, tensorboard/)"
     echo "[run.sh] syntheses:    $out_dir/<case>/<case>-$TARGET.nii.gz"
@@ -188,11 +202,13 @@ PRESET="${PRESET:-unet}"
 RUN_DIR="${RUN_DIR:-runs/$PRESET}"
 is_all_preset() { case "$PRESET" in *_all) return 0 ;; *) return 1 ;; esac; }  # one model, <run_dir>/all
 model_folder() { if is_all_preset; then echo "$RUN_DIR/all"; else echo "$RUN_DIR/$1"; fi; }  # model_folder MOD
-if { [ "$PRESET" = "demo" ] || [ "$PRESET" = "demo_all" ]; } && ! has_brats_data "$DATA_DIR"; then
+# every demo_* preset (demo_all, demo_fats, demo_wfm ...) runs on the demo dataset when there is no BraTS data
+is_demo_preset() { case "$PRESET" in demo | demo_*) return 0 ;; *) return 1 ;; esac; }
+if is_demo_preset && ! has_brats_data "$DATA_DIR"; then
     case "${MODE:-train_sample}" in  # the demo dataset, for the mode asked for
         train_sample)
             if [ "$PRESET" = "demo" ]; then run_demo; exit 0; fi
-            ensure_demo_data; DATA_DIR="$DEMO_DIR/training" ;;  # demo_all: trained, scored on held-out cases
+            ensure_demo_data; DATA_DIR="$DEMO_DIR/training" ;;  # demo_*: trained, scored on held-out cases
         train) ensure_demo_data; DATA_DIR="$DEMO_DIR/training" ;;
         sample) ensure_demo_data; DATA_DIR="$DEMO_DIR/pseudo_validation_gt" ;;
         auto) ensure_demo_data; DATA_DIR="$DEMO_DIR/pseudo_validation" ;;

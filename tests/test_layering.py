@@ -41,6 +41,7 @@ LAYERS: dict[str, int] = {
     "guided_diffusion.figures": 4, "guided_diffusion.presets": 4,
     "guided_diffusion.ensembles": 4,
     "guided_diffusion.volume_cache": 4, "guided_diffusion.case_runner": 4, "guided_diffusion.prob_metrics": 4,
+    "guided_diffusion.segmentation": 4, "guided_diffusion.nnunet_export": 4,
     # 5: command line
     "guided_diffusion.cli": 5, "guided_diffusion.commands": 5,
 }
@@ -67,6 +68,9 @@ SAME_LAYER_IMPORTS: set[tuple[str, str]] = {
     ("guided_diffusion.demo_floors", "guided_diffusion.bratsloader"),
     ("guided_diffusion.volume_cache", "guided_diffusion.bratsloader"),
     ("guided_diffusion.case_runner", "guided_diffusion.bratsloader"),
+    ("guided_diffusion.segmentation", "guided_diffusion.bratsloader"),
+    ("guided_diffusion.segmentation", "guided_diffusion.checkpoints"),
+    ("guided_diffusion.nnunet_export", "guided_diffusion.bratsloader"),
     ("guided_diffusion.ensembles", "guided_diffusion.synthesis"),
     ("guided_diffusion.ensembles", "guided_diffusion.checkpoints"),
     ("guided_diffusion.ensembles", "guided_diffusion.bratsloader"),

@@ -33,6 +33,7 @@ from guided_diffusion.metrics import METRIC_KEYS, MISSING_VALUE_NOTE, evaluate_c
 from guided_diffusion.prob_metrics import ENSEMBLE_METRIC_KEYS, ensemble_metrics
 from guided_diffusion.provenance import held_out_case_ids, model_provenance
 from guided_diffusion.runinfo import run_info
+from guided_diffusion.segmentation import SEG_METRIC_KEYS, SEG_METRICS_NOTE, load_segmenter, score_synthesis
 from guided_diffusion.synthesis import synthesize
 from guided_diffusion.timesteps import plan_timesteps
 
@@ -60,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="record each finished case; a re-run skips the cases whose outputs are complete and "
                         "verified (SHA-256) and writes the results of all of them (start the job with it too)")
+    p.add_argument("--segmenter", default=None, metavar="CHECKPOINT",
+                   help="a scripts/train_segmenter.py checkpoint: also report tumour Dice / HD95 (WT, TC, ET) with "
+                        "the synthesis in place of the real target, and with the real target (docs/segmentation.md)")
     cli.add_sampling_arguments(p)
     cli.add_ensemble_arguments(p)
     return p.parse_args(argv)
@@ -119,6 +123,7 @@ def main(argv=None) -> int:
     timesteps, timesteps_origin = plan_timesteps(loaded.schedule, loaded.fats_state, cfg.nfe, cfg.warm_start_t)
     cases, failures, geometry = cli.find_cases(args.data_dir, "train", check_data=False)
     cli.check_fits_model(geometry, loaded, args.checkpoint, args.data_dir)
+    segmenter = load_segmenter(args.segmenter, device, geometry) if args.segmenter else None
     evaluated_on = f"every case of {args.data_dir}"
     if args.held_out_of:
         held_out = set(held_out_case_ids(args.held_out_of))
@@ -146,7 +151,8 @@ def main(argv=None) -> int:
     settings = case_runner.settings_digest({
         "model_sha256": model_record["sha256"] if journal else None, "target": args.target,
         "sample_config": cfg.to_dict(), "timesteps": timesteps, "keep_background": args.keep_background,
-        **({"num_samples": args.num_samples, "save_samples": args.save_samples} if args.num_samples > 1 else {})})
+        **({"num_samples": args.num_samples, "save_samples": args.save_samples} if args.num_samples > 1 else {}),
+        **({"segmenter": args.segmenter} if segmenter else {})})
     records, figure, interrupted = [], None, None
     description = synthesis_description(args.target, cfg.sampler, len(timesteps), model_record["sha256"])
     figure_wanted = ranks.is_main and not (args.resume and (out_dir / "slice.png").exists())
@@ -186,6 +192,8 @@ def main(argv=None) -> int:
                                                     None if data.seg is None else data.seg > 0))
             except ValueError as err:  # the volume is written; the case still counts as failed
                 raise CaseError(case.files[args.target], f"cannot evaluate the synthesis against it: {err}") from None
+            if segmenter:  # reads the synthesis file just written, as a downstream user would
+                metrics.update(score_synthesis(segmenter, data, args.target, out_path, geometry))
             record = {"case_id": case.case_id, "seconds": seconds, **metrics}
             records.append(record)
             if journal:
@@ -207,14 +215,16 @@ def main(argv=None) -> int:
             "timesteps": timesteps, "nfe": len(timesteps), "timesteps_origin": timesteps_origin, "device": str(device),
             "model_config": loaded.model_config.to_dict(), "diffusion_config": loaded.diffusion_config.to_dict(),
             "metrics_grid": "network grid (cropped/padded), BraSyn normalisation", "evaluated_on": evaluated_on,
-            "background": cli.background_note(args.keep_background),
             "num_samples": args.num_samples,
+            **({"segmenter": args.segmenter, "segmentation_metrics": SEG_METRICS_NOTE} if segmenter else {}),
             **({"ensemble_metrics": ENSEMBLE_METRICS_NOTE} if args.num_samples > 1 else {}),
+            "background": cli.background_note(args.keep_background),
             "model": model_record, "run": run_info()}
     save_json(meta, out_dir / "sample_config.json")
     if records:
         summary = write_metrics(out_dir, records, meta,
-                                [*METRIC_KEYS, *(ENSEMBLE_METRIC_KEYS if args.num_samples > 1 else ())])
+                                [*METRIC_KEYS, *(ENSEMBLE_METRIC_KEYS if args.num_samples > 1 else ()),
+                                 *(SEG_METRIC_KEYS if segmenter else ())])
         print(format_table(summary))
         print(f"wrote {len(records)} volumes, {out_dir / 'metrics.json'}, {out_dir / 'metrics.csv'}"
               + (f", {figure}" if figure else ""))
