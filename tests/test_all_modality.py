@@ -270,3 +270,15 @@ def test_fats_statistics_and_held_out_cases_of_an_all_model(tiny_demo_dir):
         k = int(case["label"])
         assert case["cond"].shape[1] == 32 and not case["cond"][:, 8 * k: 8 * k + 8].any()
         assert case["cond"][:, [c for c in range(32) if not 8 * k <= c < 8 * k + 8]].any()
+
+
+def test_all_vs_single_experiment_gives_both_arms_the_same_total_budget(tmp_path):
+    from experiments import all_vs_single
+
+    assert all_vs_single.main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
+    result = json.loads((tmp_path / "all_vs_single.json").read_text())
+    assert sorted((r["target"], r["arm"]) for r in result["records"]) == sorted(
+        (m, arm) for m in MODALITIES for arm in ("single", "all"))
+    steps = {name: t["steps"] for name, t in result["training"].items()}
+    assert steps["all"] == sum(steps[m] for m in MODALITIES) == 4 * steps["t1n"]
+    assert result["parameters"]["all_modality"] < result["parameters"]["singles_total"]
