@@ -3,6 +3,8 @@ source, the Euler sampler, the trainer's flow objective, checkpoints and sample.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from dataclasses import replace
 
 import pytest
@@ -25,6 +27,7 @@ from guided_diffusion.schedules import linear
 from guided_diffusion.synthesis import synthesize_volumes
 from guided_diffusion.timesteps import plan_timesteps
 from guided_diffusion.train_util import Trainer
+from test_run_sh import RUN_SH_VARIABLES, SEP, copy_run_sh, make_stub
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -228,3 +231,24 @@ def test_one_case_conditioning_serves_a_batch_of_ensemble_members():
         start = FlowPath(source_noise=sigma).start(cond, noise)
         assert start.shape == noise.shape
         assert torch.allclose(start, cond_mean_source(cond) + sigma * noise, atol=1e-7)
+
+
+def test_run_sh_trains_demo_wfm_on_the_demo_data_and_scores_held_out_cases(tmp_path):
+    """``bash run.sh --preset demo_wfm`` with no BraTS data: the flow preset is trained on the demo
+    dataset and its held-out cases sampled (run.sh copied, a stub interpreter records the calls)."""
+    run_sh, stub, log = copy_run_sh(tmp_path / "repo"), make_stub(tmp_path / "python"), tmp_path / "calls.log"
+    case = tmp_path / "repo" / "demo_data" / "training" / "case1"
+    case.mkdir(parents=True)
+    (case / "case1-t1n.nii.gz").write_bytes(b"")  # the demo dataset exists (the stub would not make it)
+    env = {k: v for k, v in os.environ.items() if k not in RUN_SH_VARIABLES}
+    env.update(PYTHON=str(stub), STUB_LOG=str(log))
+    result = subprocess.run(["bash", str(run_sh), "--preset", "demo_wfm", "--gpus", "0"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    calls = [line.split(SEP) for line in log.read_text().splitlines()]
+    assert [c[0] for c in calls] == ["scripts/train.py", "scripts/sample.py"]
+    train_call, sample_call = calls
+    assert train_call[train_call.index("--preset") + 1] == "demo_wfm"
+    assert train_call[train_call.index("--data_dir") + 1] == "demo_data/training"
+    assert sample_call[sample_call.index("--checkpoint") + 1] == "runs/demo_wfm/t2f/best.pt"
+    assert sample_call[sample_call.index("--held_out_of") + 1] == "runs/demo_wfm/t2f/run_config.json"
