@@ -14,8 +14,8 @@ from torch import nn
 from DWT_IDWT import from_subbands, to_subbands
 from fixtures_data import one_thread  # noqa: F401 (a fixture)
 from fixtures_data import run_main
-from guided_diffusion.checkpoints import load_model
-from guided_diffusion.cli import EXIT_OK
+from guided_diffusion.checkpoints import CheckpointError, load_model
+from guided_diffusion.cli import EXIT_OK, check_sampler
 from guided_diffusion.commands import train
 from guided_diffusion.config import ConfigError, DiffusionConfig, SampleConfig, TrainConfig
 from guided_diffusion.factory import build_schedule
@@ -214,6 +214,8 @@ def test_flow_preset_trains_saves_and_samples_through_the_scripts(tiny_demo_dir,
     assert json.loads((tmp_path / "one" / "sample_config.json").read_text())["timesteps"] == [49]
     assert run_main("sample", [*argv, "--out_dir", tmp_path / "bad", "--sampler", "ddpm"]) != EXIT_OK
     assert not (tmp_path / "bad" / "sample_config.json").exists()
+    with pytest.raises(CheckpointError, match=r"^flow\.pt: sampler 'ddim' does not fit a flow-matching model"):
+        check_sampler(SampleConfig(sampler="ddim"), loaded, "flow.pt")  # what sample.py / sample_auto.py call
 
 
 def test_presets():

@@ -145,6 +145,7 @@ def main(argv=None) -> int:
                     check_model_kind(loaded, key, sources[key])  # ModelKindError: fatal, nothing written
                     cli.check_fits_model(geometry, loaded, sources[key], str(data_dir))  # a CaseError is fatal too
                     cfg = cli.sample_config_from_args(args, cli.checkpoint_sample_defaults(loaded))
+                    cli.check_sampler(cfg, loaded, sources[key])  # e.g. --sampler ddpm with a flow model
                     by_key[key] = (loaded, cfg, model_provenance(loaded, sources[key], path, cfg))
                 except ModelKindError:
                     raise
