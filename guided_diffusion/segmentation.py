@@ -52,6 +52,7 @@ EXTRA = "seg"  # the pyproject extra that installs MONAI
 REGIONS: dict[str, tuple[int, ...]] = {"wt": (1, 2, 3), "tc": (1, 3), "et": (3,)}  # BraTS 2023 labels
 THRESHOLD = 0.5  # sigmoid probability above which a voxel is in a region
 HD_PERCENTILE = 95
+PRELOAD_LIMIT_BYTES = 4 << 30  # training data up to this size is read once and kept in memory
 OUTPUT_NOTE = "one sigmoid per region (multi-label, regions overlap), voxel in region where p > 0.5"
 SCORE_KEYS: tuple[str, ...] = tuple(f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS)
 """Scores of the segmentation with the synthesis in place of the real target modality."""
@@ -177,8 +178,10 @@ def train_segmenter(
 ) -> tuple[torch.nn.Module, list[float]]:
     """Train a segmenter on the real four modalities and the ``-seg`` files of ``cases``.
 
-    Each case is read once (``load_case``) and kept in memory as (4, *network_shape) float32 plus
-    (3, *network_shape) bool regions (demo data: ~2 MB a case; full-size BraTS: ~130 MB a case).
+    When all cases fit in :data:`PRELOAD_LIMIT_BYTES` as (4, *network_shape) float32 plus
+    (3, *network_shape) bool regions (demo data: ~2 MB a case; full-size BraTS: ~150 MB a case),
+    each is read once (``load_case``) and kept in memory; otherwise the cases of each step are read
+    when drawn (slower: about 1.5 s per full-size case on a CPU).
 
     Returns:
         ``(model, losses)``: the trained network (eval mode) and the loss of every step.
@@ -189,11 +192,12 @@ def train_segmenter(
     if unlabelled:
         raise CaseError(unlabelled[0].folder, f"no segmentation file; training the segmenter needs one in every "
                                               f"case ({len(unlabelled)} cases lack it)")
-    volumes, regions = [], []
-    for case in cases:
+    def read(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
         data = load_case(case, geometry)
-        volumes.append(torch.from_numpy(data.volumes))
-        regions.append(torch.from_numpy(label_regions(data.seg)))
+        return torch.from_numpy(data.volumes), torch.from_numpy(label_regions(data.seg))
+
+    case_bytes = (4 * len(MODALITIES) + len(REGIONS)) * int(np.prod(geometry.network_shape))
+    preloaded = [read(c) for c in cases] if case_bytes * len(cases) <= PRELOAD_LIMIT_BYTES else None
     torch.manual_seed(cfg.seed)
     model = build_segmenter(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
@@ -203,8 +207,9 @@ def train_segmenter(
     model.train()
     for step in range(cfg.max_steps):
         pick = torch.randint(len(cases), (cfg.batch_size,), generator=generator).tolist()
-        x = torch.stack([volumes[i] for i in pick])
-        y = torch.stack([regions[i] for i in pick]).float()
+        batch = [preloaded[i] if preloaded else read(cases[i]) for i in pick]
+        x = torch.stack([volumes for volumes, _ in batch])
+        y = torch.stack([regions for _, regions in batch]).float()
         x, y = _flip(x, y, generator)
         loss = loss_fn(model(x.to(device)), y.to(device))
         optimizer.zero_grad(set_to_none=True)

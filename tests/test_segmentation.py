@@ -115,6 +115,19 @@ def test_train_segmenter_never_replaces_a_checkpoint(trained, tiny_demo_dir):
     assert trained.read_bytes() == before
 
 
+def test_reading_cases_per_step_trains_exactly_like_holding_them_in_memory(tiny_demo_dir, monkeypatch):
+    from guided_diffusion import segmentation
+
+    cases, _ = discover_cases(tiny_demo_dir / "training", geometry=TINY_GEOMETRY)
+    cfg = SEGMENTER_PRESETS["tiny"]
+    _, in_memory = segmentation.train_segmenter(cases, TINY_GEOMETRY, cfg, torch.device("cpu"))
+    monkeypatch.setattr(segmentation, "PRELOAD_LIMIT_BYTES", 0)
+    reads = []
+    monkeypatch.setattr(segmentation, "load_case", lambda case, geometry: reads.append(case) or load_case(case, geometry))
+    _, per_step = segmentation.train_segmenter(cases, TINY_GEOMETRY, cfg, torch.device("cpu"))
+    assert per_step == in_memory and len(reads) == cfg.max_steps * cfg.batch_size
+
+
 def _rewrite_config(src, dst, **changes):
     checkpoint = torch.load(src, map_location="cpu", weights_only=True)
     checkpoint["config"] = {**checkpoint["config"], **changes}
