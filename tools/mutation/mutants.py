@@ -29,6 +29,7 @@ DIFFUSION = ("tests/test_oracles.py", "tests/test_samplers_and_loss.py", "tests/
 FATS = ("tests/test_fats.py", "tests/test_contracts.py")
 STEPS = ("tests/test_contracts.py",)
 TRAIN = ("tests/test_contracts.py", "tests/test_oracles.py")
+VARIANTS = ("tests/test_variants_v2.py",)
 BRATS = ("tests/test_bratsloader.py", "tests/test_contracts.py")
 SYNTHESIS = ("tests/test_oracles.py", "tests/test_contracts.py")
 SAMPLE_COMMAND = ("tests/test_contracts.py",)
@@ -85,7 +86,7 @@ MUTANTS: list[Mutant] = [
            "(pred_x0.float() - x0.float()).abs().mean(dim=(2, 3, 4))", "training loss L1 instead of MSE", ORACLES,
            quick=True),
     Mutant("loss_band_weights_not_normalised", "guided_diffusion/diffusion.py",
-           "(per_band * w).sum(dim=1) / w.sum()", "(per_band * w).sum(dim=1)",
+           "(weighted * w).sum(dim=1) / w.sum()", "(weighted * w).sum(dim=1)",
            "band-weighted loss not divided by the weight sum", DIFFUSION),
     Mutant("q_sample_noise_scaled_by_variance", "guided_diffusion/diffusion.py",
            "append_dims((1.0 - ab).sqrt(), x0) * noise", "append_dims(1.0 - ab, x0) * noise",
@@ -148,7 +149,7 @@ MUTANTS: list[Mutant] = [
            '"default_nfe": state.get("default_k")', '"default_nfe": None',
            "a version-1 checkpoint's default budget (default_k beside the state) is lost", STEPS),
     Mutant("fats_shift_sign", "guided_diffusion/fats.py",
-           "-kappa * math.log(energy[b] / ref)", "kappa * math.log(energy[b] / ref)",
+           "-kappa * math.log(e / ref)", "kappa * math.log(e / ref)",
            "energy-equalising shifts with the wrong sign", FATS),
     Mutant("ramp_off_by_one", "guided_diffusion/fats.py",
            "max(0, step) / ramp_steps", "max(0, step + 1) / ramp_steps", "shift ramp starts one step late", FATS),
@@ -164,10 +165,22 @@ MUTANTS: list[Mutant] = [
            "        self.optimizer.step()\n        self._update_ema()",
            "        self._update_ema()\n        self.optimizer.step()", "EMA averages the weights of the step before",
            TRAIN),
-    Mutant("train_timestep_never_last", "guided_diffusion/train_util.py",
-           "torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=gen",
-           "torch.randint(0, schedule.num_steps - 1, (x0.shape[0],), generator=gen",
-           "training never sees the last (pure-noise) step", TRAIN),
+    Mutant("train_timestep_never_last", "guided_diffusion/timesteps.py",
+           "torch.randint(0, num_steps, (batch,), generator=generator, device=device)",
+           "torch.randint(0, num_steps - 1, (batch,), generator=generator, device=device)",
+           "training never sees the last (pure-noise) step", TRAIN + VARIANTS),
+    Mutant("last_mass_halved", "guided_diffusion/timesteps.py",
+           "generator=generator, device=device) < p", "generator=generator, device=device) < p / 2",
+           "Ctrl's extra training mass at the last step is half what was asked", VARIANTS),
+    Mutant("warm_start_reuses_the_start_noise", "guided_diffusion/samplers.py",
+           "t_star, randn(x_T.shape, generator, x_T.device, x_T.dtype))", "t_star, x_T)",
+           "the warm start re-noises the regression estimate with x_T instead of fresh noise", VARIANTS),
+    Mutant("zero_residual_shift_wrong_way", "guided_diffusion/fats.py",
+           "return kappa * max_shift if e == 0", "return -kappa * max_shift if e == 0",
+           "a band with nothing left to generate gets the most noise instead of the least", VARIANTS),
+    Mutant("min_snr_weights_without_floor", "guided_diffusion/diffusion.py",
+           ".clamp(1.0, gamma)", ".clamp(max=gamma)",
+           "min-SNR weights drop the floor at 1: the last (regression) step is barely trained", VARIANTS),
     Mutant("train_noise_same_every_step", "guided_diffusion/train_util.py",
            "derive_seed(self.cfg.seed, self.step, self.dist.rank, 1)", "derive_seed(self.cfg.seed, 0, self.dist.rank, 1)",
            "every training step draws the same timesteps and noise", TRAIN),
@@ -175,7 +188,7 @@ MUTANTS: list[Mutant] = [
            "self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf", "math.inf",
            "the gradient norm is never clipped", TRAIN),
     Mutant("validation_on_raw_weights", "guided_diffusion/train_util.py",
-           "out = training_losses(self.ema, schedule", "out = training_losses(self.model, schedule",
+           "out = self.loss_terms(self.ema, schedule", "out = self.loss_terms(self.model, schedule",
            "validation (and the best checkpoint) scores the raw weights instead of the EMA", TRAIN),
     Mutant("init_from_skips_ema", "guided_diffusion/train_util.py",
            "        self.ema.load_state_dict(loaded.model.state_dict())\n", "",
