@@ -300,3 +300,21 @@ def test_export_nnunet_refuses_a_non_empty_output_folder(tiny_demo_dir, tmp_path
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     exported, errors = export_nnunet(tiny_demo_dir / "pseudo_validation_gt", tmp_path / "empty_ok")
     assert len(exported) == 2 and not errors
+
+
+def test_score_segmentation_scores_a_folder_like_sample_does(diffusion_model, trained, tiny_demo_dir, tmp_path):
+    data_dir, out_dir = tiny_demo_dir / "pseudo_validation_gt", tmp_path / "sampled"
+    assert run_main("sample", ["--checkpoint", diffusion_model, "--data_dir", data_dir, "--target", "t2f",
+                               "--out_dir", out_dir, "--nfe", 2, "--device", "cpu", "--segmenter", trained]) == EXIT_OK
+    from_sample = {r["case_id"]: r for r in json.loads((out_dir / "metrics.json").read_text())["cases"]}
+    first = sorted(from_sample)[0]
+    shutil.rmtree(out_dir / first)  # one synthesis missing: that case fails, the others are scored
+    argv = ["--segmenter", trained, "--data_dir", data_dir, "--synth_dir", out_dir, "--target", "t2f",
+            "--device", "cpu"]
+    assert run_main("score_segmentation", argv) == 1
+    scored = json.loads((out_dir / "segmentation_metrics.json").read_text())
+    assert [r["case_id"] for r in scored["cases"]] == sorted(from_sample)[1:]
+    for record in scored["cases"]:
+        for key in SEG_METRIC_KEYS:
+            assert record[key] == from_sample[record["case_id"]][key]  # the same function on the same files
+    assert run_main("score_segmentation", argv) == EXIT_FATAL  # the results file is never replaced silently
