@@ -28,7 +28,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .bratsloader import NIFTI_SUFFIX, SEG_LABELS, Case, CaseError, check_case, discover_cases, expected_path
+from .bratsloader import NIFTI_SUFFIX, SEG, SEG_LABELS, Case, CaseError, check_case, expected_path
 from .constants import MODALITIES
 from .fileio import save_json
 
@@ -85,13 +85,12 @@ def export_nnunet(data_dir: str | os.PathLike, out_dir: str | os.PathLike,
         src = source.resolve()
         if resolved == src or src in resolved.parents or resolved in src.parents:
             raise ValueError(f"{out}: the output folder overlaps the input {source}; choose one outside it")
-    found, errors = discover_cases(data_dir, mode="auto" if synth else "train", geometry=None)
-    if synth is not None:  # complete cases are welcome too
-        complete, _ = discover_cases(data_dir, mode="train", geometry=None)
-        found = sorted(found + complete, key=lambda c: c.case_id)
-        errors = [e for e in errors if e.path.name not in {c.case_id for c in complete}]
-    cases = []
-    for case in found:
+    if not data_dir.is_dir():
+        raise CaseError(data_dir, "dataset folder does not exist or is not a folder")
+    cases, errors = [], []
+    for folder in sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        present = {n: expected_path(folder, n) for n in (*MODALITIES, SEG)}
+        case = Case(folder.name, folder, {n: p for n, p in present.items() if p.is_file()})
         try:
             case = complete_case(case, synth)
             check_case(case, geometry=None)

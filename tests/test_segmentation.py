@@ -318,3 +318,18 @@ def test_score_segmentation_scores_a_folder_like_sample_does(diffusion_model, tr
         for key in SEG_METRIC_KEYS:
             assert record[key] == from_sample[record["case_id"]][key]  # the same function on the same files
     assert run_main("score_segmentation", argv) == EXIT_FATAL  # the results file is never replaced silently
+
+
+def test_export_nnunet_skips_and_reports_a_case_without_all_four_modalities(tiny_demo_dir, tmp_path):
+    data_dir = tiny_demo_dir / "pseudo_validation"  # each case lacks one modality; no syntheses given
+    missing = json.loads((data_dir / "missing_modalities.json").read_text())
+    with pytest.raises(ValueError, match="no case with all four modalities"):
+        export_nnunet(data_dir, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+    first, second = sorted(missing)
+    synth_dir = tmp_path / "completed"  # a synthesis for the first case only
+    (synth_dir / first).mkdir(parents=True)
+    shutil.copyfile(expected_path(tiny_demo_dir / "pseudo_validation_gt" / first, missing[first]),
+                    expected_path(synth_dir / first, missing[first]))
+    exported, errors = export_nnunet(data_dir, tmp_path / "nnunet", synth_dir)
+    assert exported == [first] and len(errors) == 1 and second in str(errors[0]) and missing[second] in str(errors[0])
