@@ -140,7 +140,7 @@ def test_a_checkpoint_config_asking_for_a_huge_model_allocates_nothing(tmp_path)
 
 
 @pytest.mark.parametrize("field, value, phrase", [
-    (("extra", "sample", "sampler"), "euler", "sampler must be one of"),
+    (("extra", "sample", "sampler"), "lms", "sampler must be one of"),
     (("extra", "sample", "nfe"), "four", "malformed metadata in extra"),
     (("config", "diffusion", "kind"), "sigmoid", "kind must be one of"),
     (("config", "model", "num_channels"), [8], "invalid or missing config"),
