@@ -65,6 +65,17 @@ PRESETS: dict[str, Preset] = {
         DEMO_TRAIN,
         SampleConfig(sampler="ddim", nfe=4),
         "the demo network with FATS schedules and learned 4-step sampling (CPU)"),
+    "demo_cwdm": Preset(
+        DEMO_MODEL, DiffusionConfig(kind="linear", num_train_steps=1000),
+        DEMO_TRAIN,
+        SampleConfig(sampler="ddpm", nfe=0),
+        "the demo network on cWDM's linear 1000-step schedule, 1000-step DDPM sampling (benchmark v2's C)"),
+    "demo_fats10": Preset(
+        DEMO_MODEL, DiffusionConfig(kind="fats", num_train_steps=10),
+        DEMO_TRAIN,
+        SampleConfig(sampler="ddim", nfe=4),
+        "FATS shifts on the 10-step linear schedule (Fast-cWDM direct): trained on the steps it samples, "
+        "learned 4-step sampling (benchmark v2's S10)"),
     "wfm": Preset(
         ModelConfig(), DiffusionConfig(kind="flow", num_train_steps=1000),
         FULL_TRAIN,
