@@ -333,3 +333,36 @@ def test_export_nnunet_skips_and_reports_a_case_without_all_four_modalities(tiny
                     expected_path(synth_dir / first, missing[first]))
     exported, errors = export_nnunet(data_dir, tmp_path / "nnunet", synth_dir)
     assert exported == [first] and len(errors) == 1 and second in str(errors[0]) and missing[second] in str(errors[0])
+
+
+# --------------------------------------------------------------------------- run.sh demo
+
+
+@pytest.mark.parametrize("setting, has_checkpoint, trains, scores", [
+    (None, False, False, False),  # default: the demo is unchanged (a one-line hint)
+    ("1", False, True, True),     # opt-in: train once, then score
+    (None, True, False, True),    # a segmenter from an earlier opt-in run is used
+    ("1", True, False, True),     # ... and not trained again
+    ("0", True, False, False),    # never
+])
+def test_run_sh_demo_segmenter_is_opt_in(tmp_path, setting, has_checkpoint, trains, scores):
+    import os
+    import subprocess
+
+    from test_run_sh import RUN_SH_VARIABLES, SEP, copy_run_sh, make_stub
+
+    run_sh, log = copy_run_sh(tmp_path / "repo"), tmp_path / "calls.log"
+    if has_checkpoint:
+        (tmp_path / "repo" / "runs" / "demo" / "segmenter").mkdir(parents=True)
+        (tmp_path / "repo" / "runs" / "demo" / "segmenter" / "segmenter.pt").write_bytes(b"")
+    env = {k: v for k, v in os.environ.items() if k not in (*RUN_SH_VARIABLES, "DEMO_SEGMENTER")}
+    env.update(PYTHON=str(make_stub(tmp_path / "python")), STUB_LOG=str(log),
+               **({"DEMO_SEGMENTER": setting} if setting is not None else {}))
+    result = subprocess.run(["bash", str(run_sh)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    calls = [line.split(SEP) for line in log.read_text().splitlines()]
+    assert any(c[0] == "scripts/train_segmenter.py" for c in calls) == trains
+    sample = next(c for c in calls if c[0] == "scripts/sample.py")
+    assert ("--segmenter" in sample) == scores
+    if scores:
+        assert sample[sample.index("--segmenter") + 1] == "runs/demo/segmenter/segmenter.pt"
