@@ -131,7 +131,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data_seed", type=int, default=0, help="seed of the demo data (the same for every --seeds)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                    help="variants to train and sample (default all; P needs R and F, the gate needs C)")
-    p.add_argument("--train_steps", type=int, default=600, help="training steps of every model (default 600)")
+    p.add_argument("--train_steps", type=int, default=500, help="training steps of every model (default 500)")
     p.add_argument("--batch_size", type=int, default=2, help="training batch size of every variant (default 2)")
     p.add_argument("--size", type=float, default=0.25,
                    help="demo data scale of the BraTS grid (default 0.25: network grid 56x56x40, the smallest the demo "
@@ -153,6 +153,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default benchmarks/results/local; --update_results: benchmarks/results)")
     p.add_argument("--update_results", action="store_true", help="write into the committed benchmarks/results")
+    p.add_argument("--name", default=NAME, help=f"stem of the output files (default {NAME}; e.g. {NAME}_t2f for a "
+                                                "second target, so that runs do not overwrite each other)")
     args = p.parse_args(argv)
     if args.seed is not None and args.seeds is not None:
         p.error("give --seed or --seeds, not both")
@@ -767,17 +769,17 @@ def main(argv=None) -> int:
               "network_shape": list(data.geometry.network_shape), "metrics_grid": "network grid, volumes in [0, 1]; "
               "PSNR/SSIM with BraSyn percentile normalisation; probabilistic scores on the unnormalised volumes"}
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_json(config, out_dir / f"{NAME}_config.json")
-    save_json(payload, out_dir / f"{NAME}.json")
-    plot_crps_nfe(records, [oracle, oracle_mean], out_dir / f"{NAME}_crps_nfe.png")
-    plot_slices(slices, data.test[0], out_dir / f"{NAME}_slices.png")
+    save_json(config, out_dir / f"{args.name}_config.json")
+    save_json(payload, out_dir / f"{args.name}.json")
+    plot_crps_nfe(records, [oracle, oracle_mean], out_dir / f"{args.name}_crps_nfe.png")
+    plot_slices(slices, data.test[0], out_dir / f"{args.name}_slices.png")
     print(table(records, [oracle, oracle_mean]))
     for g in gates:
         print(f"gate (seed {g['seed']}): {'PASSED' if g['passed'] else 'FAILED' if g['passed'] is False else 'n/a'} "
               f"(C DDPM-1000 tumour spread-skill {_fmt(g.get('spread_skill_tumor'))}, needs >= {GATE_SPREAD_SKILL})")
     for s in skipped:
         print(f"skipped {s['variant']} (seed {s['seed']}): {s['reason']}")
-    print(f"wrote {out_dir / (NAME + '.json')} in {payload['total_seconds'] / 60:.1f} min")
+    print(f"wrote {out_dir / (args.name + '.json')} in {payload['total_seconds'] / 60:.1f} min")
     return 0
 
 
