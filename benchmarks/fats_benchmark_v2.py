@@ -663,13 +663,14 @@ def plot_crps_nfe(records: list[dict], references: list[dict], path: Path) -> Pa
 def plot_slices(slices: dict, case: TestCase, path: Path) -> Path:
     """One row per (variant, K) of the first test case: one sample, the ensemble mean and the
     per-voxel std; the first row is the oracle's (one draw, mean, std of its draws). The std
-    columns share one colour scale."""
+    columns share the oracle's colour scale."""
     from guided_diffusion.figures import figure_slice
 
     plt = _pyplot()
     rows = [("oracle", case.oracle)] + [(f"{label} K={k}", s) for label, (k, s) in slices.items()]
     z = figure_slice(case.target.shape[-1], case.seg)
-    std_max = max(float(s[..., z].std(axis=0, ddof=1).max()) for _, s in rows) or 1.0
+    # one std scale for every row: the oracle's (larger spreads saturate, which is itself the finding)
+    std_max = float(case.oracle[..., z].std(axis=0, ddof=1).max()) or 1.0
     fig, axes = plt.subplots(len(rows), 3, figsize=(6.6, 2.1 * len(rows)), squeeze=False)
     for (label, samples), ax in zip(rows, axes):
         panels = (("one sample", samples[0, ..., z], "gray", 1.0), ("mean", samples[..., z].mean(axis=0), "gray", 1.0),
