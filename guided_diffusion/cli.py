@@ -281,26 +281,25 @@ def default_device(name: str | None) -> torch.device:
     return device
 
 
-def positive_int(text: str) -> int:
-    """argparse type of counts that must be at least 1 (``--num_samples``)."""
+def _int_at_least(text: str, minimum: int, problem: str) -> int:
+    """``int(text)``, or argparse's error when it is not an integer or below ``minimum``."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (need at least 1)")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} {problem}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts that must be at least 1 (``--num_samples``)."""
+    return _int_at_least(text, 1, "is not a positive integer (need at least 1)")
 
 
 def nonnegative_int(text: str) -> int:
     """argparse type of counts where 0 means 'all' (``--max_cases``): a negative value is an error."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative (0 means all)")
-    return value
+    return _int_at_least(text, 0, "is negative (0 means all)")
 
 
 def check_fits_model(geometry, loaded, source: str, data_dir: str) -> None:

@@ -224,14 +224,12 @@ def _tumour(template: Template, rng: np.random.Generator, centre: np.ndarray, ra
     return core, tumour, oedema
 
 
-def simulate_case(
-    template: Template, rng: np.random.Generator
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """One synthetic case on the template's output grid.
+def tissue_maps(template: Template, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """A case's anatomy on the template's output grid: a random warp of the template and a tumour.
 
-    Returns:
-        ``(volumes, seg)``: modality -> (*original_shape) int16 scanner units with a
-        zero background, and (*original_shape) uint8 labels in {0, 1, 2, 3}.
+    Returns nine (*original_shape) float maps in [0, 1]: grey matter, white matter, brain, CSF,
+    tumour core, whole tumour, oedema zone, normal tissue (1 - tumour) and the brain surface shell.
+    Draws from ``rng`` in a fixed order (tumour centre, radius, warp, tumour), shared by v1 and v2.
     """
     centre = template.wm_centres[rng.integers(len(template.wm_centres))]
     radius = rng.uniform(*TUMOUR_RADIUS_MM)
@@ -242,6 +240,19 @@ def simulate_case(
     core, tumour, oedema_zone = _tumour(template, rng, centre, radius)
     normal = 1 - tumour
     surface = np.clip(brain - ndimage.gaussian_filter(brain, 1.0), 0, 1)
+    return gm, wm, brain, csf, core, tumour, oedema_zone, normal, surface
+
+
+def simulate_case(
+    template: Template, rng: np.random.Generator
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One synthetic case on the template's output grid.
+
+    Returns:
+        ``(volumes, seg)``: modality -> (*original_shape) int16 scanner units with a
+        zero background, and (*original_shape) uint8 labels in {0, 1, 2, 3}.
+    """
+    gm, wm, brain, csf, core, tumour, oedema_zone, normal, surface = tissue_maps(template, rng)
     vessel = 0.5 * surface * csf * normal * (1 + np.tanh(smooth_field(rng, brain.shape, 8)))
     fractions = {
         "necrosis": core * brain,

@@ -36,7 +36,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from scipy import ndimage
 from scipy.special import expit, logit
 
 from guided_diffusion.bratsloader import (
@@ -45,8 +44,8 @@ from guided_diffusion.bratsloader import (
 from guided_diffusion.constants import MODALITIES
 from guided_diffusion.demo_data import (
     CASE_ID, FLAIR_TE, FLAIR_TR, INT16_MAX, MAX_CASES_PER_SPLIT, RELAXATION_JITTER, SCANNER_RANGE, SPLIT_CODE,
-    T1W_TE, T1W_TR, TISSUES, TRAIN, TUMOUR_RADIUS_MM, Template, Tissue, _check_output_dir, _image, _publish,
-    _sample, _tumour, _warp, flair, load_template, smooth_field, spin_echo, tissue_signals, write_case,
+    T1W_TE, T1W_TR, TISSUES, TRAIN, Template, Tissue, _check_output_dir, _image, _publish,
+    flair, load_template, smooth_field, spin_echo, tissue_maps, tissue_signals, write_case,
 )
 from guided_diffusion.seeding import case_seed_words
 
@@ -132,16 +131,8 @@ class Anatomy:
 
 
 def simulate_anatomy(template: Template, rng: np.random.Generator) -> Anatomy:
-    """v1's anatomy and tumour geometry (``demo_data._warp`` / ``_tumour``), plus the shared latents."""
-    centre = template.wm_centres[rng.integers(len(template.wm_centres))]
-    radius = rng.uniform(*TUMOUR_RADIUS_MM)
-    gm, wm, brain = np.clip(_sample(template.maps, template.to_template,
-                                    _warp(template, rng, centre, radius)), 0, 1)
-    gm, wm = np.minimum(gm, brain), np.minimum(wm, np.clip(brain - gm, 0, 1))
-    csf = np.clip(brain - gm - wm, 0, 1)
-    core, tumour, oedema_zone = _tumour(template, rng, centre, radius)
-    normal = 1 - tumour
-    surface = np.clip(brain - ndimage.gaussian_filter(brain, 1.0), 0, 1)
+    """v1's anatomy and tumour geometry (``demo_data.tissue_maps``), plus the shared latents."""
+    gm, wm, brain, csf, core, tumour, oedema_zone, normal, surface = tissue_maps(template, rng)
     fractions = {
         "necrosis": core * brain,
         SOLID: (tumour - core) * brain,
