@@ -364,10 +364,13 @@ def train_model(model: str, args, seed: int, data: Data, run_root: Path, trained
 
 def learned_copy(checkpoint: Path, args, seed: int, data: Data) -> Path:
     """C's checkpoint with learned DDIM timesteps for ``--nfe`` (``fats_fit_steps``, the user's
-    command; made once, kept with ``--reuse``)."""
+    command; made once per training step count, kept with ``--reuse``: a model trained further
+    gets a new fit, never the fit of its shorter self)."""
+    from guided_diffusion.checkpoints import read_checkpoint
     from guided_diffusion.commands import fats_fit_steps
 
-    out = checkpoint.with_name("learned_steps.pt")
+    step = int(read_checkpoint(checkpoint).get("step", -1))
+    out = checkpoint.with_name(f"learned_steps_step{step}.pt")
     if out.is_file():
         return out
     argv = ["--checkpoint", str(checkpoint), "--data_dir", str(data.fit_dir), "--target", args.target,
