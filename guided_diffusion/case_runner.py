@@ -123,6 +123,17 @@ def gather_reports(ranks: Ranks, report: dict) -> list[dict] | None:
     return out
 
 
+def meet(ranks: Ranks) -> None:
+    """All ranks wait here (a barrier; nothing for one process): after the run-level checks of the
+    output folder, so no rank's first output is mistaken by a slower rank for an earlier run's.
+    A rank that failed its checks has exited, and torchrun stops the others."""
+    global _MADE_GROUP
+    if ranks.world == 1:
+        return
+    _MADE_GROUP = _ensure_group() or _MADE_GROUP
+    dist.barrier()
+
+
 def finish(ranks: Ranks) -> None:
     """After rank 0 has written the merged files: all ranks meet, then the group made by
     :func:`gather_reports` is closed. Nothing to do for one process."""

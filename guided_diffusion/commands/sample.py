@@ -142,6 +142,7 @@ def main(argv=None) -> int:
         raise FileExistsError(f"{out_dir} already holds the results of an earlier run ({', '.join(earlier)}); "
                               "pass --overwrite to replace them or choose another --out_dir")
     cli.check_output_dir(out_dir, [p for c in cases for p in c.files.values()], input_dir=args.data_dir)
+    case_runner.meet(ranks)  # every rank has checked the folder before any rank writes into it
     logger.info("synthesising %s for %d cases with %s, %d network evaluations (%s), on %s", args.target, len(cases),
                 cfg.sampler, len(timesteps), timesteps_origin, device)
     order, share = [c.case_id for c in cases], case_runner.split_cases(cases, ranks)
