@@ -335,6 +335,8 @@ def train_model(model: str, args, seed: int, data: Data, run_root: Path, trained
     preset_name = MODEL_PRESETS[model]
     preset_or_skip(preset_name)
     run_dir = run_root / model
+    if model == "FATS2" and "R" in trained:  # its shifts come from R: an R trained further is another FATS v2 run
+        run_dir = run_root / f"FATS2_from_R{int(read_checkpoint(trained['R']['checkpoint']).get('step', -1))}"
     latest = run_dir / args.target / "latest.pt"
     if latest.is_file() and int(read_checkpoint(latest).get("step", -1)) == args.train_steps:
         logger.info("%s: reusing %s (%d steps)", model, latest, args.train_steps)
