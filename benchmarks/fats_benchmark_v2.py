@@ -142,6 +142,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--draws", type=int, default=4, help="target draws per training anatomy (default 4)")
     p.add_argument("--oracle_draws", type=int, default=8, help="oracle draws per test case (default 8)")
     p.add_argument("--samples", type=int, default=4, help="samples M per test case and sampling (default 4)")
+    p.add_argument("--train_draws", choices=("target", "joint"), default="target",
+                   help="training draws of an anatomy: 'target' (default) re-draws only the target, the conditions "
+                        "stay identical (nothing to memorise); 'joint' re-draws every modality (a network can tell "
+                        "the draws apart by their conditions and memorise each pair: the runs of fats_v2_t1c/t2f.json)")
     p.add_argument("--gate_cases", type=int, default=2, help="test cases sampled with C's DDPM-1000 (default 2)")
     p.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 10], help="K budgets (default 1 2 4 10)")
     p.add_argument("--fit_nfe", type=int, nargs="+", default=None,
@@ -278,7 +282,8 @@ def build_data(args, work: Path) -> Data:
         geometry = Geometry.scaled(args.size)
         geometry.check_divisible(3)  # the DWT and the demo network's two downsamplings
         demo_data_v2.make_demo_dataset_v2(raw, geometry=geometry, seed=args.data_seed, n_train=args.n_train + args.n_fit,
-                                          n_test=args.n_test, draws=args.draws, oracle_draws=args.oracle_draws)
+                                          n_test=args.n_test, draws=args.draws, oracle_draws=args.oracle_draws,
+                                          train_target=None if args.train_draws == "joint" else args.target)
     cases, errors = discover_cases(raw / "training", mode="train", geometry=None)
     test_cases, test_errors = discover_cases(raw / "test", mode="train", geometry=None)
     if errors or test_errors:

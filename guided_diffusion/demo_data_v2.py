@@ -263,8 +263,14 @@ def make_demo_dataset_v2(
     draws: int = 4,
     oracle_draws: int = 8,
     overwrite: bool = False,
+    train_target: str | None = None,
 ) -> dict[str, list[str]]:
     """Write the v2 layout (module docstring) under ``out``; staged, then moved into place.
+
+    ``train_target``: None re-draws every modality's latents in each training draw (the conditions
+    change with the target, so a network can tell the draws apart and memorise each pair); a modality
+    re-draws only that one, the other three staying byte-identical across an anatomy's draws (the
+    same conditions with ``draws`` different targets: nothing to memorise, for a model of that target).
 
     Returns:
         split name -> case folder names written.
@@ -272,6 +278,8 @@ def make_demo_dataset_v2(
     if any(not 0 <= n < MAX_CASES_PER_SPLIT for n in (n_train, n_test)):
         raise ValueError(f"demo_data_v2.py: case counts must be in [0, {MAX_CASES_PER_SPLIT}), "
                          f"got n_train={n_train}, n_test={n_test}")
+    if train_target is not None and train_target not in MODALITIES:
+        raise ValueError(f"demo_data_v2.py: train_target must be one of {MODALITIES}, got {train_target!r}")
     if draws < 1 or oracle_draws < 0:
         raise ValueError(f"demo_data_v2.py: --draws must be >= 1 and --oracle_draws >= 0, "
                          f"got {draws} and {oracle_draws}")
@@ -288,7 +296,8 @@ def make_demo_dataset_v2(
             case_id = CASE_ID.format(SPLIT_CODE[TRAIN] * MAX_CASES_PER_SPLIT + i)
             for k in range(draws):
                 name = case_id + DRAW_SUFFIX.format(k)
-                volumes, seg = simulate_case_v2(template, seed, case_id, k)
+                which = k if train_target is None else {m: k if m == train_target else 0 for m in MODALITIES}
+                volumes, seg = simulate_case_v2(template, seed, case_id, which)
                 write_case(staging / TRAIN / name, volumes, seg, template.affine)
                 written[TRAIN].append(name)
         for i in range(n_test):

@@ -258,3 +258,22 @@ def test_make_demo_data_version_flags(tmp_path):
     refused = subprocess.run(script + ["--out", str(tmp_path / "v1"), "--draws", "2"],
                              cwd=REPO_ROOT, capture_output=True, text=True)
     assert refused.returncode == 2 and "--draws only apply to --version 2" in refused.stderr
+
+
+def test_target_only_training_draws_keep_the_conditions(tmp_path):
+    """train_target: an anatomy's training draws share the three conditions byte for byte and differ
+    in the target (nothing for a network to memorise); joint draws (the default) change every modality."""
+    counts = dict(n_train=1, n_test=0, draws=2, oracle_draws=0)
+    v2.make_demo_dataset_v2(tmp_path / "tt", geometry=GEOMETRY, seed=SEED, train_target="t1c", **counts)
+    v2.make_demo_dataset_v2(tmp_path / "joint", geometry=GEOMETRY, seed=SEED, **counts)
+    for layout, conditions_equal in (("tt", True), ("joint", False)):
+        d0, d1 = sorted((tmp_path / layout / "training").iterdir())
+        for modality in MODALITIES:
+            same = _digest_file(expected_path(d0, modality)) == _digest_file(expected_path(d1, modality))
+            assert same == (conditions_equal and modality != "t1c"), (layout, modality)
+    with pytest.raises(ValueError, match="train_target"):
+        v2.make_demo_dataset_v2(tmp_path / "bad", geometry=GEOMETRY, seed=SEED, train_target="flair", **counts)
+
+
+def _digest_file(path: Path) -> str:
+    return hashlib.sha256(np.ascontiguousarray(_voxels(path)).tobytes()).hexdigest()
