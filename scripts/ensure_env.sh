@@ -2,7 +2,7 @@
 # dependencies and the extras that run.sh and the tests use (pip install -e .[test], which includes
 # the demo, figures and seg extras), creating .venv (with the CPU build of torch where there is no GPU)
 # if needed.
-_ensure_modules='torch numpy nibabel scipy tqdm torchmetrics safetensors huggingface_hub tensorboard nilearn matplotlib monai pytest skimage pywt'
+_ensure_modules='torch numpy nibabel scipy tqdm torchmetrics safetensors huggingface_hub tensorboard nilearn matplotlib monai pytest skimage pywt scoringrules'
 _ensure_has() {  # _ensure_has PYTHON MODULES...: all of them import
     local python=$1; shift
     local modules="$*"
