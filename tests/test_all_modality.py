@@ -282,3 +282,51 @@ def test_all_vs_single_experiment_gives_both_arms_the_same_total_budget(tmp_path
     steps = {name: t["steps"] for name, t in result["training"].items()}
     assert steps["all"] == sum(steps[m] for m in MODALITIES) == 4 * steps["t1n"]
     assert result["parameters"]["all_modality"] < result["parameters"]["singles_total"]
+    # the downstream Dice columns: every arm and modality, the real-target upper bound, the means
+    dice = ("dice_wt", "dice_tc", "dice_et")
+    for row in result["records"] + list(result["real_target"].values()) + list(result["mean"].values()):
+        assert all(0.0 <= row[k] <= 1.0 for k in dice), row
+    assert sorted(result["real_target"]) == sorted(MODALITIES) and set(result["mean"]) == {"single", "all", "real"}
+    assert result["segmentation"]["trained_here"] and result["segmentation"]["preset"] == "tiny"
+
+
+class TruthWhereTargetIsBright(torch.nn.Module):
+    """A stand-in segmenter that knows the truth: region r is predicted where the truth has r AND
+    the target channel is > 0 (so what it predicts depends on the target channel alone)."""
+
+    def __init__(self, regions, index: int):
+        super().__init__()
+        self.regions, self.index = torch.as_tensor(regions), index
+
+    def forward(self, x):  # (1, 4, X, Y, Z) -> (1, 3, X, Y, Z) logits
+        return torch.where(self.regions[None] & (x[:, self.index : self.index + 1] > 0), 100.0, -100.0)
+
+
+@pytest.mark.parametrize("target", ["t1c", "t2f"])
+def test_all_vs_single_dice_sees_the_synthesis_in_place_of_the_real_target(tiny_demo_dir, tmp_path, target):
+    """Substituting a synthesis without the tumour (the real target, tumour voxels zeroed) must drop
+    every region's Dice from the upper bound to 0; the real target as its own synthesis must not."""
+    from experiments.all_vs_single import segment_scores, write_synthesis
+    from guided_diffusion.bratsloader import discover_cases, load_case
+    from guided_diffusion.segmentation import Segmenter, label_regions
+    from fixtures_data import TINY_GEOMETRY
+
+    cases, _ = discover_cases(tiny_demo_dir / "pseudo_validation_gt", geometry=TINY_GEOMETRY)
+    data = [load_case(c, TINY_GEOMETRY) for c in cases]
+    index = MODALITIES.index(target)
+    assert all(label_regions(d.seg).any(axis=(1, 2, 3)).all() for d in data)  # every region is present
+    for d in data:  # one stand-in per case (it knows that case's truth)
+        segmenter = Segmenter(TruthWhereTargetIsBright(label_regions(d.seg), index), {}, tmp_path / "oracle.pt",
+                              torch.device("cpu"))
+        v = torch.from_numpy(d.volumes[index])
+        same_path = write_synthesis(tmp_path / "same", d, target, v, TINY_GEOMETRY)
+        no_tumour = torch.where(torch.from_numpy(d.seg > 0), torch.zeros(()), v)
+        cut_path = write_synthesis(tmp_path / "cut", d, target, no_tumour, TINY_GEOMETRY)
+        same, upper = segment_scores(segmenter, [d], target, [same_path], TINY_GEOMETRY)
+        cut, upper_again = segment_scores(segmenter, [d], target, [cut_path], TINY_GEOMETRY)
+        assert upper == upper_again
+        for region in ("wt", "tc", "et"):
+            assert upper[f"dice_{region}"] == pytest.approx(1.0)  # the tumour is > 0 in the real target
+            assert same[f"dice_{region}"] == pytest.approx(1.0)
+            assert cut[f"dice_{region}"] == 0.0
+            assert cut[f"hd95_{region}"] is None and cut[f"hd95_{region}_n"] == 0  # nothing predicted
