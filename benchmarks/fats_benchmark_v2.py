@@ -54,6 +54,9 @@ MODELS_OF = {"R": ["R"], "C": ["C"], "F": ["F"], "S": ["S"], "S10": ["S10"], "W"
              "Ctrl": ["Ctrl"], "FATS2": ["R", "FATS2"]}
 """The models a variant needs, in training order (FATS v2's shifts come from R's residual)."""
 FATS_VARIANTS = ("S", "S10", "FATS2")
+NO_PREDICTION_CHOICE = ("R", "W", "Wn")
+"""Models that keep their preset's output (--prediction does not apply): R is trained at the last step
+only, where the two parameterisations coincide up to 0.6 % of x_T; W and Wn predict a flow's velocity."""
 PRIMARY_MAX_NFE = 4  # BENCHMARK_V2.md: the primary endpoint is tumour CRPS at K <= 4
 GATE_SPREAD_SKILL = 0.5  # BENCHMARK_V2.md: C with DDPM-1000 must reach this tumour spread-skill
 P_WARM_START = {"F": 3, "C": 300}  # P's t*: step 3 of the 11-step Fast-10 curve is t = 299 of the 1000-step one
@@ -152,6 +155,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="budgets whose sampling timesteps are learned (default: those of --nfe in 2..4; minutes each "
                         "on a CPU, K = 10 the most; --quick: none)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16", help="training and sampling precision")
+    p.add_argument("--prediction", choices=("x0", "v"), default="x0",
+                   help="what every diffusion model's network predicts (train.py --prediction; R and the flow "
+                        "models W keep their own): x0 (cWDM, default) or v (docs/prediction.md)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--out", type=Path, default=None,
@@ -355,6 +361,8 @@ def train_model(model: str, args, seed: int, data: Data, run_root: Path, trained
             "--precision", args.precision, "--num_workers", "0", "--seed", str(seed),
             "--threads", str(args.threads), "--cache_dir", str(args.work_dir / "cache"), "--skip_data_check"]
     argv += ["--fats_nfe", *map(str, fit_nfe)] if fit_nfe else ["--skip_fats_fit"]
+    if model not in NO_PREDICTION_CHOICE:
+        argv += ["--prediction", args.prediction]
     if model == "FATS2":
         if "R" not in trained:
             raise Unavailable("FATS v2 takes its shifts from R's residual, and R was not trained")

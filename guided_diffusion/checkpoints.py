@@ -294,6 +294,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
     check_all_modality(path, model_cfg, target, extra)
     check_weights_fit(path, model_cfg, weights)
     schedule = schedule or build_schedule(diff_cfg)
+    if (diff_cfg.prediction == "v") != (getattr(schedule, "sigma_data", None) is not None):
+        raise CheckpointError(f"{path}: the config says prediction {diff_cfg.prediction!r} but the stored schedule "
+                              f"{'has no' if diff_cfg.prediction == 'v' else 'has a'} preconditioning (sigma_data); "
+                              "the checkpoint is inconsistent")
     check_stored_settings(path, extra, schedule.num_steps)
     model = build_model(model_cfg)  # materialised only now that every weight is known to fit
     try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .constants import ALL_TARGET, FATS_BASES, MODALITIES, PRECISIONS, REFERENCE_STEPS, SAMPLERS, SCHEDULE_KINDS
-from .constants import FLOW_SOURCES
+from .constants import FLOW_SOURCES, PREDICTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,8 @@ class DiffusionConfig(_JsonConfig):
     fats_base: str = "linear"  # FATS base log-SNR curve: "linear" (with beta_start/end) or "cosine"
     flow_source: str = "cond_mean"  # kind flow: where the flow starts (constants.FLOW_SOURCES)
     source_noise: float = 0.0  # kind flow: sigma_src, 0 = the deterministic start
+    prediction: str = "x0"  # the network's output: "x0" (cWDM) or "v" (preconditioned; docs/prediction.md)
+    sigma_data: tuple[float, ...] = field(default_factory=tuple)  # prediction "v": per-band data scale (empty: 1)
 
     @classmethod
     def _upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -181,6 +183,17 @@ class DiffusionConfig(_JsonConfig):
         if not (isinstance(self.source_noise, (int, float)) and 0.0 <= self.source_noise < float("inf")):
             raise ConfigError(f"DiffusionConfig: source_noise (sigma_src) must be a finite number >= 0, got "
                               f"{self.source_noise!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ConfigError(f"DiffusionConfig: prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.prediction != "x0" and self.kind == "flow":
+            raise ConfigError("DiffusionConfig: a flow model (kind 'flow') predicts its velocity; prediction "
+                              f"{self.prediction!r} is for noise schedules")
+        if self.sigma_data and self.prediction != "v":
+            raise ConfigError("DiffusionConfig: sigma_data is only used with prediction 'v'")
+        if self.sigma_data and (len(self.sigma_data) != self.n_bands
+                                or not all(0.0 < float(s) < float("inf") for s in self.sigma_data)):
+            raise ConfigError(f"DiffusionConfig: sigma_data needs {self.n_bands} finite values > 0, got "
+                              f"{self.sigma_data}")
         if self.source_noise and self.kind != "flow":
             raise ConfigError(f"DiffusionConfig: source_noise is only used with kind 'flow', got {self.source_noise} "
                               f"with kind {self.kind!r}")

@@ -29,6 +29,11 @@ FLOW_SOURCES: tuple[str, ...] = ("cond_mean",)
 """Where a flow starts (``DiffusionConfig.flow_source``): ``cond_mean``, the mean of the conditioning
 modalities' subbands (``flow.cond_mean_source``)."""
 
+PREDICTIONS: tuple[str, ...] = ("x0", "v")
+"""What the network's output means (``DiffusionConfig.prediction``): ``x0`` the clean subbands
+(cWDM's ``predict_xstart``; published weights), ``v`` the preconditioned output of
+``schedules.NoiseSchedule.preconditioning`` (v-prediction, per band; docs/prediction.md)."""
+
 FATS_BASES: tuple[str, ...] = ("linear", "cosine")
 """Base log-SNR curves a FATS schedule shifts per band."""
 

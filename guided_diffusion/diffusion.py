@@ -49,7 +49,11 @@ def make_denoiser(model: nn.Module, schedule: NoiseSchedule, cond: torch.Tensor,
     (i2i mode) and the one place where bf16 autocast is applied.
 
     The network sees ``cat([x_t, cond], dim=1)`` (B, C + C_cond, d, h, w) and the schedule's model
-    time of step t, and predicts x0 (cWDM's ``predict_xstart``), returned in ``x_t``'s dtype.
+    time of step t, and predicts x0 (cWDM's ``predict_xstart``), returned in ``x_t``'s dtype. A
+    schedule with ``sigma_data`` (prediction ``v``) preconditions per band instead
+    (:meth:`~guided_diffusion.schedules.NoiseSchedule.preconditioning`): the network sees
+    ``c_in * x_t`` and the denoiser returns ``c_skip * x_t + c_out * output``, still an x0 estimate,
+    so every sampler and loss is unchanged.
     ``precision="bf16"`` runs the network under ``torch.autocast(dtype=torch.bfloat16)`` on
     ``x_t``'s device type and casts its output back; ``"fp32"`` leaves the autocast state alone.
     """
@@ -58,15 +62,24 @@ def make_denoiser(model: nn.Module, schedule: NoiseSchedule, cond: torch.Tensor,
     model_times = schedule.model_times.to(device=cond.device, dtype=torch.float32)
     kwargs = {} if label is None else {"label": label}
 
-    def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        time = model_times[t.to(cond.device).long()]
-        net_input = torch.cat([x_t, cond.to(x_t.dtype)], dim=1)
+    def network(x_in: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        net_input = torch.cat([x_in, cond.to(x_in.dtype)], dim=1)
         if precision == "bf16":
-            with torch.autocast(x_t.device.type, dtype=torch.bfloat16):
-                return model(net_input, time, **kwargs).to(x_t.dtype)
-        return model(net_input, time, **kwargs).to(x_t.dtype)
+            with torch.autocast(x_in.device.type, dtype=torch.bfloat16):
+                return model(net_input, time, **kwargs).to(x_in.dtype)
+        return model(net_input, time, **kwargs).to(x_in.dtype)
 
-    return denoiser
+    if getattr(schedule, "sigma_data", None) is None:  # x0 prediction (cWDM), and a flow's velocity
+        def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return network(x_t, model_times[t.to(cond.device).long()])
+        return denoiser
+
+    def preconditioned(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(cond.device).long()
+        c_in, c_skip, c_out = (append_dims(c, x_t).to(x_t.dtype) for c in schedule.preconditioning(t))
+        return c_skip * x_t + c_out * network(c_in * x_t, model_times[t])
+
+    return preconditioned
 
 
 def snr_weights(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -92,13 +105,21 @@ def training_losses(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
     Noise is drawn in wavelet space (equivalent to image space for an orthonormal transform).
     The network runs through :func:`make_denoiser` (so ``precision`` means what it means there).
     ``snr_gamma`` > 0 multiplies each band's MSE by :func:`snr_weights` before the band average.
+    A preconditioned network (schedule with ``sigma_data``) weights band b's x0 MSE by EDM's
+    ``1 / c_out^2`` instead (the MSE of the network's own output against its target: for
+    sigma_data = 1 the v-prediction loss, ``(1 + SNR)`` times the x0 MSE); ``snr_gamma`` replaces it.
     Returns ``loss`` (B,) (band-weighted mean, uniform weights by default), ``per_band`` (B, C)
     (unweighted) and ``pred_x0`` (B, C, d, h, w).
     """
     x_t = q_sample(schedule, x0, t, noise)
     pred_x0 = make_denoiser(model, schedule, cond, label=label, precision=precision)(x_t, t)
     per_band = ((pred_x0.float() - x0.float()) ** 2).mean(dim=(2, 3, 4))
-    weighted = per_band * snr_weights(schedule, t, snr_gamma).to(per_band.device) if snr_gamma else per_band
+    if snr_gamma:
+        weighted = per_band * snr_weights(schedule, t, snr_gamma).to(per_band.device)
+    elif getattr(schedule, "sigma_data", None) is not None:
+        weighted = per_band / schedule.preconditioning(t)[2].to(per_band.device).float() ** 2
+    else:
+        weighted = per_band
     if band_weights is None:
         loss = weighted.mean(dim=1)
     else:

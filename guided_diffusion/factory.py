@@ -25,13 +25,17 @@ def build_model(cfg: ModelConfig) -> UNet3D:
 
 def build_schedule(cfg: DiffusionConfig) -> NoiseSchedule | FlowPath:
     """The noise schedule a diffusion config describes, built by its kind's registered builder
-    (for kind ``flow`` the flow's path, :class:`~guided_diffusion.flow.FlowPath`)."""
+    (for kind ``flow`` the flow's path, :class:`~guided_diffusion.flow.FlowPath`); with prediction
+    ``v`` it carries the per-band ``sigma_data`` of the network's preconditioning (1 when not given)."""
     try:
         builder = SCHEDULE_BUILDERS[cfg.kind]
     except KeyError:
         raise ValueError(f"factory.py: no builder for schedule kind {cfg.kind!r}; "
                          f"registered: {sorted(SCHEDULE_BUILDERS)}") from None
-    return builder(cfg)
+    schedule = builder(cfg)
+    if cfg.prediction == "v":  # the network's preconditioning travels with the schedule (docs/prediction.md)
+        schedule = schedule.with_sigma_data(cfg.sigma_data or (1.0,) * schedule.n_bands)
+    return schedule
 
 
 def _linear_schedule(cfg: DiffusionConfig) -> NoiseSchedule:

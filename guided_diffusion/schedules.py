@@ -30,11 +30,14 @@ class NoiseSchedule:
         alpha_bar: (n_bands, T) float64, in (0, 1], strictly decreasing along t.
         model_times: (T,) float64, the time value fed to the network at step t.
         name: a label for logs.
+        sigma_data: None when the network predicts x0 (cWDM), else (n_bands,) float64 per-band data
+            scales of its preconditioning (:meth:`preconditioning`; all ones: v-prediction).
     """
 
     alpha_bar: torch.Tensor
     model_times: torch.Tensor
     name: str = "custom"
+    sigma_data: torch.Tensor | None = None
     # alpha_bar with a leading column of ones (step -1), per device: built once, so indexing with
     # device-resident step indices (the training loop on a GPU) never copies to or from the host.
     _padded_by_device: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -48,6 +51,10 @@ class NoiseSchedule:
             raise ValueError("NoiseSchedule: alpha_bar must lie in (0, 1]")
         if ab.shape[1] > 1 and not bool((ab[:, 1:] < ab[:, :-1]).all()):
             raise ValueError("NoiseSchedule: alpha_bar must be strictly decreasing in t for every band")
+        sd = self.sigma_data
+        if sd is not None and (sd.shape != (ab.shape[0],) or not bool((torch.isfinite(sd) & (sd > 0)).all())):
+            raise ValueError(f"NoiseSchedule: sigma_data must be ({ab.shape[0]},) finite values > 0, got "
+                             f"{sd.tolist() if sd.ndim else sd}")
 
     @property
     def num_steps(self) -> int:
@@ -76,6 +83,24 @@ class NoiseSchedule:
             self._padded_by_device[t.device] = padded
         return padded[:, t.long() + 1].T.contiguous()
 
+    def preconditioning(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """EDM's preconditioning (Karras et al. 2022, table 1) in variance-preserving form, per band.
+
+        With ``x_t = sqrt(a) x0 + sqrt(1 - a) eps`` (a = alpha_bar_t) and s the band's
+        ``sigma_data``, the denoiser is ``x0_hat = c_skip * x_t + c_out * F(c_in * x_t)``:
+        ``c_in = 1 / sqrt(1 - a + a s^2)``, ``c_skip = a^(1/2) s^2 / (1 - a + a s^2)``,
+        ``c_out = s sqrt(1 - a) / sqrt(1 - a + a s^2)``. (EDM's coefficients on x_t / sqrt(a) with
+        sigma^2 = (1 - a) / a.) With s = 1: c_in = 1, c_skip = sqrt(a), c_out = sqrt(1 - a), i.e.
+        F predicts -v (Salimans & Ho 2022), and near t = 0 the estimate is x_t itself, whatever F.
+        t: (B,) step indices. Returns c_in, c_skip, c_out, each (B, n_bands) float64.
+        """
+        if self.sigma_data is None:
+            raise ValueError("preconditioning: this schedule's network predicts x0 (no sigma_data)")
+        a = self.alpha_bar_at(t)
+        s2 = self.sigma_data.to(a.device, torch.float64)[None] ** 2
+        denom = 1.0 - a + a * s2
+        return denom.rsqrt(), a.sqrt() * s2 / denom, (s2 * (1.0 - a) / denom).sqrt()
+
     def posterior(self, t: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Coefficients of q(x_s | x_t, x0) for step indices s < t (s = -1: the clean image).
 
@@ -99,14 +124,27 @@ class NoiseSchedule:
             return self
         if self.n_bands != 1:
             raise ValueError(f"per_band: cannot map {self.n_bands} bands to {n_bands}")
-        return NoiseSchedule(self.alpha_bar.expand(n_bands, -1).clone(), self.model_times, self.name)
+        sd = None if self.sigma_data is None else self.sigma_data.expand(n_bands).clone()
+        return NoiseSchedule(self.alpha_bar.expand(n_bands, -1).clone(), self.model_times, self.name, sd)
+
+    def with_sigma_data(self, sigma_data: Sequence[float] | torch.Tensor | None) -> "NoiseSchedule":
+        """This schedule with the network's preconditioning set (None: x0 prediction)."""
+        sd = None if sigma_data is None else torch.as_tensor(sigma_data, dtype=torch.float64).flatten().clone()
+        return NoiseSchedule(self.alpha_bar, self.model_times, self.name, sd)
 
     def state_dict(self) -> dict[str, torch.Tensor | str]:
-        return {"alpha_bar": self.alpha_bar.clone(), "model_times": self.model_times.clone(), "name": self.name}
+        state = {"alpha_bar": self.alpha_bar.clone(), "model_times": self.model_times.clone(), "name": self.name}
+        if self.sigma_data is not None:
+            state["sigma_data"] = self.sigma_data.clone()
+        return state
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "NoiseSchedule":
-        return cls(state["alpha_bar"].double(), state["model_times"].double(), str(state["name"]))
+        """A schedule from :meth:`state_dict` (one without ``sigma_data``: x0 prediction, as every
+        checkpoint written before the key existed)."""
+        sd = state.get("sigma_data")
+        return cls(state["alpha_bar"].double(), state["model_times"].double(), str(state["name"]),
+                   None if sd is None else sd.double())
 
 
 def _from_betas(betas: torch.Tensor, n_bands: int, model_times: torch.Tensor, name: str) -> NoiseSchedule:

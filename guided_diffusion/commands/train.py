@@ -18,7 +18,7 @@ from guided_diffusion import cli
 from guided_diffusion.bratsloader import BratsDataset, CaseError
 from guided_diffusion.checkpoints import load_model, read_checkpoint, resolve_model_source
 from guided_diffusion.fileio import save_json
-from guided_diffusion.constants import ALL_TARGET, MODALITIES, PRECISIONS
+from guided_diffusion.constants import ALL_TARGET, MODALITIES, PRECISIONS, PREDICTIONS
 from guided_diffusion.fats_training import (FATS_NFE_BUDGETS, fit_and_store_timesteps, held_out_cases,
                                             prepare_fats_schedule, prepare_fats_v2_schedule)
 from guided_diffusion.presets import get_preset
@@ -70,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--residual_from", default=None, metavar="CHECKPOINT",
                    help="FATS v2 (presets fats2, demo_fats2): a regression model (preset regression) whose last-step "
                         "estimate's residual energies set the per-band shifts and the warm start (docs/fats_v2.md)")
+    p.add_argument("--prediction", choices=PREDICTIONS, default=None,
+                   help="what the network predicts: x0 (cWDM) or v (per-band preconditioned, passes x_t through near "
+                        "t = 0; docs/prediction.md); default: the preset's")
     p.add_argument("--skip_data_check", action="store_true",
                    help="do not read every voxel before training (faster start on large datasets)")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is visible")
@@ -92,7 +95,7 @@ def train_one(args, preset, target: str, train_cases, val_cases, geometry, dist)
         check_resume_data(Path(earlier).parent, data)
     train_set = dataset_for(train_cases, geometry, train_cfg.cache_dir)
     val_set = dataset_for(val_cases, geometry, train_cfg.cache_dir) if val_cases else None
-    diffusion_cfg, schedule, extra = preset.diffusion, None, {}
+    diffusion_cfg, schedule, extra = cli.override(preset.diffusion, prediction=args.prediction), None, {}
     check_fats_v2_settings(diffusion_cfg, train_cfg)
     if train_cfg.residual_from:  # FATS v2: residual shifts, per-band warm start, planned (and trained) steps
         regression = load_model(resolve_model_source(train_cfg.residual_from), device=dist.device)
