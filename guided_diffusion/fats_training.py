@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -90,6 +91,21 @@ def measure_energy(dataset: Dataset, target: str, max_cases: int = DEFAULT_STAT_
     return stats
 
 
+def with_band_sigma_data(cfg: DiffusionConfig, stats: dict) -> DiffusionConfig:
+    """FATS design step 4 (docs/prediction.md): a ``v``-predicting FATS model preconditions each band
+    with its own data scale, ``sigma_data_b = sqrt(E_b)`` (the band's RMS in the brain, from the
+    energy statistics), unless the config already gives one; an x0 model is returned unchanged."""
+    if cfg.prediction != "v" or cfg.sigma_data:
+        return cfg
+    sigma = tuple(round(max(math.sqrt(stats["energy"][b]), MIN_SIGMA_DATA), 6) for b in BAND_NAMES)
+    logger.info("per-band preconditioning: sigma_data %s", ", ".join(f"{b} {s:.3g}" for b, s in zip(BAND_NAMES, sigma)))
+    return replace(cfg, sigma_data=sigma)
+
+
+MIN_SIGMA_DATA = 1e-3
+"""Floor of a band's sigma_data (a band with no energy in the data would otherwise get c_in = 1 / 0)."""
+
+
 def prepare_fats_schedule(cfg: DiffusionConfig, dataset: Dataset, target: str, seed: int = 0,
                           kappa: float = DEFAULT_KAPPA, max_cases: int = DEFAULT_STAT_CASES
                           ) -> tuple[DiffusionConfig, NoiseSchedule, dict]:
@@ -102,6 +118,7 @@ def prepare_fats_schedule(cfg: DiffusionConfig, dataset: Dataset, target: str, s
         cfg = replace(cfg, band_shifts=tuple(round(s, 6) for s in shifts))
         logger.info("FATS shifts from energy statistics (kappa %.2f): %s", kappa,
                     ", ".join(f"{s:+.2f}" for s in cfg.band_shifts))
+    cfg = with_band_sigma_data(cfg, stats)
     state = FatsState(energy_stats=stats, band_shifts=cfg.band_shifts, kappa=kappa, default_nfe=DEFAULT_NFE)
     return cfg, build_schedule(cfg), state.into_extra({})
 
@@ -155,6 +172,7 @@ def prepare_fats_v2_schedule(cfg: DiffusionConfig, dataset: Dataset, target: str
         cfg = replace(cfg, band_shifts=tuple(round(s, 6) for s in shifts))
         logger.info("FATS v2 shifts from residual energies (kappa %.2f): %s", kappa,
                     ", ".join(f"{s:+.2f}" for s in cfg.band_shifts))
+    cfg = with_band_sigma_data(cfg, raw)
     schedule = build_schedule(cfg)
     t_star = warm_start_step(schedule.log_snr, [residual["energy"][b] for b in BAND_NAMES])
     nfe = min(sample.nfe or DEFAULT_NFE, t_star + 2)

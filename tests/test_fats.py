@@ -405,3 +405,33 @@ def test_fats_fit_steps_stores_learned_timesteps_that_sampling_then_uses(tmp_pat
     assert learned_2[0] == 19 and state.learned[2].error <= state.learned[2].uniform_error
     assert plan_timesteps(loaded.schedule, state, 0) == (learned_2, "learned (NFE=2)")
     assert load_model(source).fats_state.learned == {}  # the source checkpoint is left alone
+
+
+def test_a_v_predicting_fats_model_preconditions_each_band_with_its_rms(tmp_path):
+    """FATS design step 4: sigma_data_b = sqrt(E_b), E_b the band's mean square inside the brain,
+    recomputed here straight from the subbands of the cases the statistics used."""
+    from DWT_IDWT import BAND_NAMES, to_subbands
+    from guided_diffusion.bratsloader import BratsDataset
+    from guided_diffusion.cli import find_cases
+    from guided_diffusion.conditioning import split_case
+    from guided_diffusion.fats import subband_mask
+    from guided_diffusion.fats_training import prepare_fats_schedule
+
+    _write_tiny_brats(tmp_path / "training", 3)
+    cases, _, geometry = find_cases(str(tmp_path / "training"), "train", check_data=False)
+    dataset = BratsDataset(cases, geometry)
+    cfg, schedule, extra = prepare_fats_schedule(DiffusionConfig(kind="fats", prediction="v"), dataset, "t2f", seed=1,
+                                                 max_cases=3)
+    sums, counts = torch.zeros(8, dtype=torch.float64), 0
+    for item in (dataset[i] for i in range(3)):
+        bands = to_subbands(split_case(item["volumes"][None], "t2f")[0]).double()[0]
+        mask = subband_mask(item["brain_mask"][None])[0, 0]
+        sums += (bands ** 2)[:, mask].sum(dim=1)
+        counts += int(mask.sum())
+    expected = (sums / counts).sqrt()
+    assert cfg.sigma_data == pytest.approx(expected.tolist(), rel=1e-5)
+    torch.testing.assert_close(schedule.sigma_data, torch.tensor(cfg.sigma_data, dtype=torch.float64))
+    assert len(set(cfg.sigma_data)) > 1  # the bands really differ: not one shared scale
+    x0_cfg, x0_schedule, _ = prepare_fats_schedule(DiffusionConfig(kind="fats"), dataset, "t2f", seed=1, max_cases=3)
+    assert x0_cfg.sigma_data == () and x0_schedule.sigma_data is None
+    assert BAND_NAMES[0] == "LLL" and cfg.sigma_data[0] > cfg.sigma_data[-1]

@@ -145,3 +145,27 @@ def test_checkpoint_keeps_the_prediction_and_refuses_an_inconsistent_one(tmp_pat
     broken = save_checkpoint(tmp_path / "broken.pt", data)
     with pytest.raises(CheckpointError, match="broken.pt.*prediction 'v'.*no preconditioning"):
         load_model(broken)
+
+
+def test_x_t_sensitivity_reads_one_for_a_copying_denoiser_and_zero_for_a_regressor():
+    """experiments/x_t_sensitivity.follow: the diagnosis behind docs/prediction.md."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "x_t_sensitivity.py"
+    spec = importlib.util.spec_from_file_location("x_t_sensitivity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    schedule = linear(10, 1e-4, 0.02, 8)
+    x0 = torch.randn(1, 8, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+
+    def copying(x_t, t):
+        return x_t / schedule.alpha_bar_at(t).sqrt().float().view(1, -1, 1, 1, 1)
+
+    def halfway(x_t, t):
+        return 0.5 * copying(x_t, t)
+
+    gen = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(module.follow(copying, schedule, x0, 3, gen), torch.ones(8), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module.follow(halfway, schedule, x0, 3, gen), torch.full((8,), 0.5), rtol=1e-5, atol=1e-5)
+    assert (module.follow(lambda x_t, t: torch.zeros_like(x_t), schedule, x0, 0, gen) == 0).all()
