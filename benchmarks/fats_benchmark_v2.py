@@ -134,7 +134,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data_seed", type=int, default=0, help="seed of the demo data (the same for every --seeds)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                    help="variants to train and sample (default all; P needs R and F, the gate needs C)")
-    p.add_argument("--train_steps", type=int, default=500, help="training steps of every model (default 500)")
+    p.add_argument("--train_steps", type=int, default=1000, help="training steps of every model (default 1000)")
     p.add_argument("--batch_size", type=int, default=2, help="training batch size of every variant (default 2)")
     p.add_argument("--size", type=float, default=0.25,
                    help="demo data scale of the BraTS grid (default 0.25: network grid 56x56x40, the smallest the demo "
@@ -155,9 +155,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="budgets whose sampling timesteps are learned (default: those of --nfe in 2..4; minutes each "
                         "on a CPU, K = 10 the most; --quick: none)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16", help="training and sampling precision")
-    p.add_argument("--prediction", choices=("x0", "v"), default="x0",
+    p.add_argument("--prediction", choices=("x0", "v"), default="v",
                    help="what every diffusion model's network predicts (train.py --prediction; R and the flow "
-                        "models W keep their own): x0 (cWDM, default) or v (docs/prediction.md)")
+                        "models W keep their own): v (default: per-band preconditioned, docs/prediction.md) or x0 "
+                        "(cWDM's; at this training budget its samples collapse onto one estimate and the gate fails)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--out", type=Path, default=None,
