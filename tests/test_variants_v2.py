@@ -297,7 +297,9 @@ def test_variant_presets_build(name, kind, nfe):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_fats2_trains_from_a_regression_model_and_samples_with_no_flags(tiny_demo_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_fats2_trains_from_a_regression_model_and_samples_with_no_flags(tiny_demo_dir, tmp_path, monkeypatch,
+                                                                       prediction):
     tiny = get_preset("tiny")
     presets = {
         "r": replace(tiny, diffusion=DiffusionConfig(kind="fast_direct", num_train_steps=50),
@@ -314,9 +316,16 @@ def test_fats2_trains_from_a_regression_model_and_samples_with_no_flags(tiny_dem
     # FATS v2 without its regression model: a clear error before any work
     monkeypatch.setattr(train, "get_preset", lambda name: presets["f2"])
     assert run_main("train", [*common, "--run_dir", tmp_path / "bad"]) != EXIT_OK
-    assert run_main("train", [*common, "--run_dir", tmp_path / "f2", "--residual_from", regression]) == EXIT_OK
+    assert run_main("train", [*common, "--run_dir", tmp_path / "f2", "--residual_from", regression,
+                              "--prediction", prediction]) == EXIT_OK
     loaded = load_model(tmp_path / "f2" / "t2f" / "latest.pt")
     state = loaded.fats_state
+    if prediction == "v":  # FATS step 4: each band preconditioned with its RMS, stored with the checkpoint
+        rms = [math.sqrt(state.energy_stats["energy"][b]) for b in BAND_NAMES]
+        assert loaded.diffusion_config.sigma_data == pytest.approx(rms, rel=1e-5)
+        torch.testing.assert_close(loaded.schedule.sigma_data, torch.tensor(rms, dtype=torch.float64), rtol=1e-5, atol=0)
+    else:
+        assert loaded.schedule.sigma_data is None
     assert state.residual_stats["label"] == "residual" and state.energy_stats["label"] == "target"
     residual = [state.residual_stats["energy"][b] for b in BAND_NAMES]
     t_star = warm_start_step(loaded.schedule.log_snr, residual)
