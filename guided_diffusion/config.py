@@ -11,7 +11,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .constants import ALL_TARGET, FATS_BASES, MODALITIES, PRECISIONS, REFERENCE_STEPS, SAMPLERS, SCHEDULE_KINDS
+from .constants import (ALL_TARGET, BACKENDS, FATS_BASES, MODALITIES, PRECISIONS, REFERENCE_STEPS, SAMPLERS,
+                        SCHEDULE_KINDS)
 from .constants import FLOW_SOURCES, PREDICTIONS
 
 logger = logging.getLogger(__name__)
@@ -273,6 +274,7 @@ class SampleConfig(_JsonConfig):
     precision: str = "fp32"
     compile: bool = False  # torch.compile the network once per loaded model (first call compiles)
     warm_start_t: int = 0  # > 0: 1 NFE at the last step, its x0 noised to this step, the rest of nfe from there
+    backend: str = "pytorch"  # where the network runs: pytorch, or openvino on the CPU (guided_diffusion.backends)
 
     @classmethod
     def _upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -285,6 +287,11 @@ class SampleConfig(_JsonConfig):
             raise ConfigError(f"SampleConfig: need nfe >= 0 and eta >= 0: {self}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"SampleConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"SampleConfig: backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.compile and self.backend != "pytorch":
+            raise ConfigError(f"SampleConfig: compile is torch.compile, for backend 'pytorch' only (got backend "
+                              f"{self.backend!r})")
 
 
 TRAIN_TIMESTEP_KINDS: tuple[str, ...] = ("uniform", "last", "last_mass", "sampled")

@@ -18,6 +18,10 @@ which by a class label (its index in ``MODALITIES``); see ``conditioning.split_c
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 """Network precisions: float32, or bfloat16 autocast of the network (the denoiser decides)."""
 
+BACKENDS: tuple[str, ...] = ("pytorch", "openvino")
+"""Where the network runs at inference (``guided_diffusion.backends``): PyTorch, or OpenVINO on the
+CPU (the ``openvino`` extra)."""
+
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "euler")
 """Sampler names (ancestral DDPM, DDIM with eta; Euler integration of a flow, kind ``flow`` only)."""
 

@@ -13,6 +13,7 @@ import torch
 
 from DWT_IDWT import clip_in_image_space, from_subbands, to_subbands
 
+from .backends import inference_network
 from .checkpoints import LoadedModel
 from .conditioning import model_inputs
 from .config import SampleConfig
@@ -43,7 +44,8 @@ def synthesize_volumes(model: torch.nn.Module, schedule: NoiseSchedule, volumes:
                        sample_indices: Sequence[int] | None = None) -> torch.Tensor:
     """The synthesis pipeline on tensors: conditioning DWT (once), x_T from each case's generator,
     the sampler ``cfg.sampler`` (with ``cfg.eta``, ``cfg.precision``, cWDM's clipping when
-    ``cfg.clip_denoised``) over ``timesteps``, IDWT, clamp to [0, 1].
+    ``cfg.clip_denoised``) over ``timesteps``, IDWT, clamp to [0, 1]. The network runs where
+    ``cfg.backend`` says (``guided_diffusion.backends``: PyTorch, or OpenVINO on the CPU).
 
     Args:
         model: the x0-predicting network, its device is where the work runs.
@@ -78,7 +80,9 @@ def synthesize_volumes(model: torch.nn.Module, schedule: NoiseSchedule, volumes:
     cond = to_subbands(cond_volumes.to(device).float())  # computed once, outside the sampling loop
     if cfg.compile:
         compile_once(model)
-    denoiser = make_denoiser(model, schedule, cond, label=None if label is None else label.to(device),
+    # cfg.backend "openvino": the network converted once per weights (cached on disk), compiled per shape
+    network = inference_network(model, cfg.backend, cfg.precision)
+    denoiser = make_denoiser(network, schedule, cond, label=None if label is None else label.to(device),
                              precision=cfg.precision)
     # On a GPU the generators live there too (no host-to-device copy of noise per step): a case's
     # sample is reproducible for each device type, and the CPU's is the same as ever.

@@ -163,6 +163,10 @@ class UNet3D(nn.Module):
                 f"UNet3D: expected input (B, {self.cfg.in_channels}, D, H, W) with D, H, W divisible by "
                 f"{factor}, got {tuple(x.shape)}"
             )
+        return self.body(x, self.embed(t, label))
+
+    def embed(self, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """The embedding every residual block receives: time (B,) (and label (B,)) -> (B, 4 * num_channels)."""
         emb = self.time_embed(timestep_embedding(t, self.cfg.num_channels))
         if self.label_embed is not None:
             if label is None:
@@ -170,6 +174,12 @@ class UNet3D(nn.Module):
             emb = emb + self.label_embed(label)
         elif label is not None:
             raise ValueError("UNet3D: got a label but the model has num_modality_labels=0")
+        return emb
+
+    def body(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The network after :meth:`embed`: x (B, in_channels, D, H, W), emb -> (B, out_channels, D, H, W).
+        ``guided_diffusion.backends`` exports this part alone, so the sinusoidal time embedding stays
+        float32 PyTorch code (a bf16 backend would round t x frequency, e.g. 500 to the nearest 2)."""
         skips = []
         h = x
         for stage in self.input_blocks:

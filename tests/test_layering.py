@@ -28,7 +28,7 @@ LAYERS: dict[str, int] = {
     "guided_diffusion.provenance": 0, "guided_diffusion.runlock": 0,
     # 1: data and building blocks
     "guided_diffusion.config": 1, "guided_diffusion.schedules": 1, "guided_diffusion.unet": 1,
-    "guided_diffusion.conditioning": 1, "guided_diffusion.fats": 1,
+    "guided_diffusion.conditioning": 1, "guided_diffusion.fats": 1, "guided_diffusion.backends": 1,
     # 2: diffusion math
     "guided_diffusion.diffusion": 2, "guided_diffusion.samplers": 2, "guided_diffusion.fats_search": 2,
     "guided_diffusion.timesteps": 2, "guided_diffusion.flow": 2,
