@@ -128,3 +128,40 @@ def test_label_conditioned_model(cache):
         expected = model(x, t, label=label)
     got = backends.inference_network(model, "openvino", "fp32")(x, t, label=label)
     assert (got - expected).abs().max() < 1e-4
+
+
+@needs_openvino
+def test_sample_command_with_openvino(tiny_demo_dir, tmp_path, cache):
+    """scripts/sample.py --backend openvino end to end: the written syntheses equal the PyTorch
+    backend's (fp32) and sample_config.json records the backend."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from fixtures_data import run_main
+    from guided_diffusion.bratsloader import expected_path
+    from guided_diffusion.checkpoints import save_checkpoint
+    from guided_diffusion.config import TrainConfig
+    from guided_diffusion.presets import get_preset
+
+    tiny = get_preset("tiny")
+    model = random_model(tiny.model)
+    checkpoint = save_checkpoint(tmp_path / "t2f.pt", {
+        "model": model.state_dict(), "ema": model.state_dict(), "step": 1, "optimizer": None,
+        "config": {"model": tiny.model.to_dict(), "diffusion": tiny.diffusion.to_dict(),
+                   "train": TrainConfig(target_modality="t2f").to_dict()},
+        "schedule": build_schedule(tiny.diffusion).state_dict(), "extra": {"sample": tiny.sample.to_dict()}})
+    data_dir = tiny_demo_dir / "pseudo_validation_gt"
+    common = ["--checkpoint", checkpoint, "--data_dir", data_dir, "--target", "t2f", "--nfe", 2,
+              "--sampler", "ddim", "--precision", "fp32", "--device", "cpu"]
+    assert run_main("sample", [*common, "--out_dir", tmp_path / "pytorch"]) == 0
+    assert run_main("sample", [*common, "--out_dir", tmp_path / "openvino", "--backend", "openvino"]) == 0
+    written = json.loads((tmp_path / "openvino" / "sample_config.json").read_text())
+    assert written["sample_config"]["backend"] == "openvino"
+    cases = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
+    assert cases
+    for case in cases:
+        a = nib.load(expected_path(tmp_path / "pytorch" / case, "t2f")).get_fdata()
+        b = nib.load(expected_path(tmp_path / "openvino" / case, "t2f")).get_fdata()
+        assert np.abs(a).max() > 0 and np.abs(a - b).max() < 1e-3
