@@ -174,7 +174,7 @@ run_demo() {
     "$PYTHON" scripts/train.py --preset demo --data_dir "$DEMO_DIR/training" --target "$TARGET" \
         --run_dir "$run_dir" --resume auto --cpu "${max_steps[@]}" "${EXTRA[@]}"
     # Tumour Dice / HD95 (docs/segmentation.md): with a demo segmenter when there is one; DEMO_SEGMENTER=1 trains
-    # it first (opt-in: about 2 min of CPU time, much longer on a busy machine), DEMO_SEGMENTER=0 never uses it.
+    # it first (opt-in: 2-5 min of CPU time, 7+ min wall on a busy machine), DEMO_SEGMENTER=0 never uses it.
     local segmenter=() seg_ckpt="$run_dir/segmenter/segmenter.pt" seg_mode="${DEMO_SEGMENTER:-}"
     if [ "$seg_mode" = 0 ]; then
         :
