@@ -39,6 +39,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def random_model(cfg=None, seed: int = 0):
+    """A network of ``cfg`` (default: the tiny preset's) in eval mode with seeded weights, its
+    zero-initialised layers (the output convolution) filled too, so its outputs are not all 0."""
+    from guided_diffusion.factory import build_model
+    from guided_diffusion.presets import TINY_MODEL
+
+    torch.manual_seed(seed)
+    model = build_model(TINY_MODEL if cfg is None else cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not bool(p.any()):
+                p.normal_(0.0, 0.05)
+    return model
+
+
 def make_tiny_dataset(out: Path) -> Path:
     """training/ (3 cases with seg), pseudo_validation/ (2 cases, one modality dropped each) and
     pseudo_validation_gt/ (their complete copies) under ``out``."""

@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from fixtures_data import one_thread  # noqa: F401 (a fixture)
+from fixtures_data import random_model
 from guided_diffusion import backends, cli
 from guided_diffusion.commands import sample, sample_auto
-from guided_diffusion.config import ConfigError, DiffusionConfig, ModelConfig, SampleConfig
+from guided_diffusion.config import ConfigError, DiffusionConfig, SampleConfig
 from guided_diffusion.extras import MissingExtraError
-from guided_diffusion.factory import build_model, build_schedule
+from guided_diffusion.factory import build_schedule
 from guided_diffusion.presets import TINY_MODEL
 from guided_diffusion.synthesis import synthesize_volumes
 from guided_diffusion.timesteps import uniform_timesteps
@@ -30,16 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="the optional 'openvino' extra is not installed "
                                                              "(pip install -e '.[openvino]')")
-
-
-def random_model(cfg: ModelConfig = TINY_MODEL, seed: int = 0):
-    torch.manual_seed(seed)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if not bool(p.any()):
-                p.normal_(0.0, 0.05)  # the zero-initialised output layer would make every output 0
-    return model
 
 
 @pytest.fixture()

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from fixtures_data import one_thread  # noqa: F401 (a fixture)
+from fixtures_data import random_model
 from fixtures_data import run_main
 from guided_diffusion.cli import EXIT_OK
 from guided_diffusion.config import DiffusionConfig, SampleConfig, TrainConfig
-from guided_diffusion.factory import build_model, build_schedule
+from guided_diffusion.factory import build_schedule
 from guided_diffusion.presets import TINY_MODEL
 from guided_diffusion.synthesis import synthesize_volumes
 from guided_diffusion.timesteps import uniform_timesteps
@@ -38,16 +39,6 @@ def eager_compile(monkeypatch):
     monkeypatch.setattr(torch, "compile", compile_)
     monkeypatch.setattr(torch.nn.Module, "compile", module_compile)
     return calls
-
-
-def random_model():
-    torch.manual_seed(0)
-    model = build_model(TINY_MODEL).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if not bool(p.any()):
-                p.normal_(0.0, 0.05)  # the zero-initialised output layer would make every output 0
-    return model
 
 
 def test_sampling_with_compile_gives_the_same_synthesis_and_compiles_once(eager_compile):
